@@ -58,7 +58,7 @@ static int case_ctx_cancel(int64_t n, bench_out *out) {
 }
 
 static const bench_case cases[] = {
-    {"ctx_cancel_100k", 100000, case_ctx_cancel},
+    {"ctx_cancel_100k", 100000, case_ctx_cancel, 0},
 };
 
 int main(int argc, char **argv) {
