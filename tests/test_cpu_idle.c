@@ -69,7 +69,9 @@ static void *probe_thread(void *arg) {
 }
 
 /* The status each kind of wait ends with: the three with a context hit its deadline. */
-static int expected_rc(enum what w) { return w == SLEEP || w == TIMER_RECV ? 0 : CONC_DEADLINE_EXCEEDED; }
+static int expected_rc(enum what w) {
+    return w == SLEEP || w == TIMER_RECV ? 0 : CONC_DEADLINE_EXCEEDED;
+}
 
 static void probe(enum what what, const char *name) {
     struct probe p = {what, -100, 0, 0};
