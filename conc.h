@@ -385,3 +385,1538 @@ CONC_API int conc_sleep(int64_t duration_ns, conc_ctx_t *ctx);
 }
 #endif
 #endif /* CONC_H_INCLUDED */
+
+/* ======================================================================== */
+/*                              IMPLEMENTATION                              */
+/* ======================================================================== */
+#ifdef CONC_IMPLEMENTATION
+#ifndef CONC__IMPLEMENTATION_DONE
+#define CONC__IMPLEMENTATION_DONE
+
+#include <errno.h>
+#include <limits.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#if !defined(_POSIX_C_SOURCE) || _POSIX_C_SOURCE < 200809L
+#error "conc.h's implementation needs POSIX.1-2008: compile it with -D_POSIX_C_SOURCE=200809L (or _GNU_SOURCE)"
+#endif
+
+#if defined(CONC_MALLOC) && defined(CONC_FREE)
+#elif !defined(CONC_MALLOC) && !defined(CONC_FREE)
+#define CONC_MALLOC(sz) malloc(sz)
+#define CONC_FREE(p) free(p)
+#else
+#error "conc.h: define both CONC_MALLOC and CONC_FREE, or neither"
+#endif
+
+#ifndef CONC_ASSERT
+#include <assert.h>
+#define CONC_ASSERT(c) assert(c)
+#endif
+
+#ifndef CONC_SPIN_NS
+#define CONC_SPIN_NS 20000
+#endif
+
+/* ---- Valgrind: Helgrind does not see the happens-before edges that C11 atomics carry.
+   With CONC_VALGRIND the release/acquire points are annotated and the atomic words
+   themselves are excluded from race checking; without it these are no-ops. */
+#ifdef CONC_VALGRIND
+#include <valgrind/helgrind.h>
+#define CONC__HB_BEFORE(a) ANNOTATE_HAPPENS_BEFORE(a)
+#define CONC__HB_AFTER(a) ANNOTATE_HAPPENS_AFTER(a)
+#define CONC__UNCHECKED(a) VALGRIND_HG_DISABLE_CHECKING((a), sizeof *(a))
+#define CONC__CHECKED(a) VALGRIND_HG_ENABLE_CHECKING((a), sizeof *(a))
+#define CONC__ON_VALGRIND() (RUNNING_ON_VALGRIND != 0)
+#else
+#define CONC__HB_BEFORE(a) ((void)0)
+#define CONC__HB_AFTER(a) ((void)0)
+#define CONC__UNCHECKED(a) ((void)0)
+#define CONC__CHECKED(a) ((void)0)
+#define CONC__ON_VALGRIND() 0
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#define CONC__PAUSE() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define CONC__PAUSE() __asm__ __volatile__("yield")
+#else
+#define CONC__PAUSE() ((void)0)
+#endif
+
+#define CONC__LOCK(m) pthread_mutex_lock(m)
+#define CONC__UNLOCK(m) pthread_mutex_unlock(m)
+#define CONC__RELAXED memory_order_relaxed
+#define CONC__ACQUIRE memory_order_acquire
+#define CONC__RELEASE memory_order_release
+#define CONC__ACQ_REL memory_order_acq_rel
+
+/* ======================================================================== */
+/* >>internal: status strings, clock, random numbers, locks                 */
+/* ======================================================================== */
+
+CONC_API const char *conc_strerror(int status) {
+    switch (status) {
+#define CONC__STATUS_CASE(name, value, text) \
+    case value: return text;
+        CONC__STATUS_LIST(CONC__STATUS_CASE)
+#undef CONC__STATUS_CASE
+    default: return status > 0 ? "user error" : "unknown status";
+    }
+}
+
+CONC_API int64_t conc_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * CONC_SECOND + ts.tv_nsec;
+}
+
+static struct timespec conc__timespec(int64_t t) {
+    struct timespec ts;
+    if (t < 0) t = 0;
+    ts.tv_sec = (time_t)(t / CONC_SECOND);
+    ts.tv_nsec = (long)(t % CONC_SECOND);
+    return ts;
+}
+
+/* xorshift64*: per-thread, for select's random order. */
+static _Thread_local uint64_t conc__rng_state;
+static uint32_t conc__rand(void) {
+    uint64_t x = conc__rng_state;
+    if (x == 0) x = (uint64_t)conc_now() ^ (uint64_t)(uintptr_t)&conc__rng_state ^ 0x9E3779B97F4A7C15u;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    conc__rng_state = x;
+    return (uint32_t)((x * 0x2545F4914F6CDD1Du) >> 32);
+}
+static uint32_t conc__rand_below(uint32_t n) { return (uint32_t)(((uint64_t)conc__rand() * n) >> 32); }
+
+/* Channel and context mutexes are held for a few dozen instructions; glibc's adaptive
+   mutex spins briefly before sleeping instead of paying a futex round trip (~13 us to
+   wake a sleeper on the other vCPU) for every collision. */
+static void conc__mutex_init(pthread_mutex_t *m) {
+#if defined(PTHREAD_ADAPTIVE_MUTEX_INITIALIZER_NP) && defined(__GLIBC__)
+    pthread_mutexattr_t a;
+    pthread_mutexattr_init(&a);
+    pthread_mutexattr_settype(&a, PTHREAD_MUTEX_ADAPTIVE_NP);
+    pthread_mutex_init(m, &a);
+    pthread_mutexattr_destroy(&a);
+#else
+    pthread_mutex_init(m, NULL);
+#endif
+}
+
+static int conc__ncpu(void) {
+    static _Atomic int n;
+    int k = atomic_load_explicit(&n, CONC__RELAXED);
+    if (k == 0) {
+        long v = sysconf(_SC_NPROCESSORS_ONLN);
+        k = v < 1 ? 1 : (int)v;
+        atomic_store_explicit(&n, k, CONC__RELAXED);
+    }
+    return k;
+}
+
+/* ======================================================================== */
+/* >>internal: waiters and parking                                          */
+/* ======================================================================== */
+/* Every blocked call (a send, a receive, a select, a context wait, a sleep) owns one
+   conc__sel on its stack and one conc__waiter per place it waits on (a channel's send or
+   receive queue, a context's waiter list, the timer heap).
+
+   Invariants:
+   - sel.fired goes once from CONC__UNFIRED to the index of the case that completes the
+     call (CONC__OWN_CTX when the call's own context ended). Whoever wins that CAS (the
+     "claim") is the only one that may write the call's status and its element, and must
+     then wake it. Everyone else who finds the waiter just unlinks it (a stale waiter).
+   - A waiter is only linked, unlinked or inspected under the lock of the queue it is on;
+     `queued` says whether it is linked. The owner unlinks what is still linked before the
+     call returns, so nothing outlives the stack frame.
+   - A claimed call cannot return before it is woken, so the claimer may touch the waiter
+     after it has dropped the queue's lock, up to the wake.
+   - Parking: park goes WAITING -> DONE (the waker's CAS, while the owner spins) or
+     WAITING -> SLEEPING (the owner, under sel.mu) -> DONE (the waker, under sel.mu, with a
+     signal). sel.mu and sel.cv exist only while the owner sleeps; the waker touches them
+     only if it saw SLEEPING, and then the owner cannot leave before the waker unlocks. */
+
+#define CONC__UNFIRED INT_MIN
+#define CONC__OWN_CTX (-1)
+enum { CONC__PARK_WAITING = 0, CONC__PARK_SLEEPING = 1, CONC__PARK_DONE = 2 };
+
+typedef struct conc__sel {
+    _Atomic int fired; /* CONC__UNFIRED, then the index of the completing case (CAS) */
+    int status;        /* written by the claimer before the wake */
+    _Atomic int park;  /* CONC__PARK_*: see above */
+    pthread_mutex_t mu; /* only while SLEEPING */
+    pthread_cond_t cv;
+} conc__sel;
+
+typedef struct conc__waiter {
+    struct conc__waiter *prev, *next; /* (queue's lock) */
+    conc__sel *sel;                   /* the blocked call; NULL = not registered */
+    void *elem;                       /* send: the value; receive: destination or NULL */
+    int case_index;                   /* what sel.fired becomes if this waiter completes it */
+    bool queued;                      /* (queue's lock) */
+} conc__waiter;
+
+typedef struct conc__wq {
+    conc__waiter *head, *tail;
+} conc__wq;
+
+static void conc__wq_push(conc__wq *q, conc__waiter *w) {
+    w->next = NULL;
+    w->prev = q->tail;
+    if (q->tail) q->tail->next = w;
+    else q->head = w;
+    q->tail = w;
+    w->queued = true;
+}
+
+static void conc__wq_remove(conc__wq *q, conc__waiter *w) {
+    if (w->prev) w->prev->next = w->next;
+    else q->head = w->next;
+    if (w->next) w->next->prev = w->prev;
+    else q->tail = w->prev;
+    w->prev = w->next = NULL;
+    w->queued = false;
+}
+
+static void conc__sel_init(conc__sel *s) {
+    CONC__UNCHECKED(&s->fired);
+    CONC__UNCHECKED(&s->park);
+    atomic_init(&s->fired, CONC__UNFIRED);
+    atomic_init(&s->park, CONC__PARK_WAITING);
+    s->status = 0;
+}
+
+static void conc__sel_fini(conc__sel *s) {
+    CONC__CHECKED(&s->fired);
+    CONC__CHECKED(&s->park);
+    (void)s;
+}
+
+static bool conc__sel_claim(conc__sel *s, int index) {
+    int expect = CONC__UNFIRED;
+    return atomic_compare_exchange_strong_explicit(&s->fired, &expect, index, CONC__ACQ_REL, CONC__ACQUIRE);
+}
+
+/* Pops waiters until one can be claimed; stale ones are dropped on the way. */
+static conc__waiter *conc__wq_claim(conc__wq *q) {
+    conc__waiter *w;
+    while ((w = q->head) != NULL) {
+        conc__wq_remove(q, w);
+        if (conc__sel_claim(w->sel, w->case_index)) return w;
+    }
+    return NULL;
+}
+
+/* Wakes the owner of a claimed sel. The owner may return the moment park reads DONE. */
+static void conc__sel_wake(conc__sel *s) {
+    int expect = CONC__PARK_WAITING;
+    CONC__HB_BEFORE(s);
+    if (atomic_compare_exchange_strong_explicit(&s->park, &expect, CONC__PARK_DONE, CONC__RELEASE, CONC__ACQUIRE)) return;
+    CONC_ASSERT(expect == CONC__PARK_SLEEPING);
+    CONC__LOCK(&s->mu);
+    {
+        atomic_store_explicit(&s->park, CONC__PARK_DONE, CONC__RELEASE);
+        pthread_cond_signal(&s->cv);
+    }
+    CONC__UNLOCK(&s->mu);
+}
+
+/* The owner completes its own call (its timer fired, or a context it waits on had already
+   ended while it registered). No-op if someone else claimed it first. */
+static void conc__sel_complete_self(conc__sel *s, int index, int status) {
+    if (!conc__sel_claim(s, index)) return;
+    s->status = status;
+    atomic_store_explicit(&s->park, CONC__PARK_DONE, CONC__RELEASE);
+}
+
+/* Wakes every claimed waiter of a list linked through `next` (built under some lock). */
+static void conc__wake_list(conc__waiter *w) {
+    while (w) {
+        conc__waiter *next = w->next; /* read before the wake: the owner may return */
+        conc__sel_wake(w->sel);
+        w = next;
+    }
+}
+
+/* Spinning: at most ncpu-1 threads spin at once, so a spinner never keeps the thread it
+   waits for off a core; each thread adapts its budget (doubling after a spin that paid,
+   halving after one that did not). Under Valgrind threads run one at a time: no spin. */
+static _Atomic int conc__spinners;
+static _Thread_local int64_t conc__spin_budget = CONC_SPIN_NS;
+static _Atomic int64_t conc__pause_ns_x16; /* calibrated cost of one pause, x16 */
+
+static int64_t conc__pause_cost_x16(void) {
+    int64_t c = atomic_load_explicit(&conc__pause_ns_x16, CONC__RELAXED);
+    if (c == 0) {
+        int64_t t0 = conc_now();
+        for (int i = 0; i < 256; i++) CONC__PAUSE();
+        c = (conc_now() - t0) / 16;
+        if (c < 1) c = 1;
+        atomic_store_explicit(&conc__pause_ns_x16, c, CONC__RELAXED);
+    }
+    return c;
+}
+
+/* Blocks until the sel is DONE. Returns about how long it waited, in ns (for statistics:
+   short spins are estimated from the spin count rather than read from the clock, which
+   costs more than the hand-off itself). */
+static int64_t conc__sel_park(conc__sel *s) {
+    int64_t waited = 0, t0 = 0;
+    if (atomic_load_explicit(&s->park, CONC__ACQUIRE) == CONC__PARK_DONE) goto done;
+#if CONC_SPIN_NS > 0
+    if (conc__ncpu() > 1 && !CONC__ON_VALGRIND()) {
+        CONC__UNCHECKED(&conc__spinners);
+        int spinning = atomic_fetch_add_explicit(&conc__spinners, 1, CONC__RELAXED);
+        if (spinning < conc__ncpu() - 1) {
+            int64_t budget = conc__spin_budget;
+            int64_t per16 = conc__pause_cost_x16();
+            long i = 0;
+            bool got = false;
+            for (;;) {
+                if (atomic_load_explicit(&s->park, CONC__ACQUIRE) == CONC__PARK_DONE) { got = true; break; }
+                CONC__PAUSE();
+                if ((++i & 63) == 0) {
+                    int64_t now = conc_now();
+                    if (t0 == 0) t0 = now - (64 * per16) / 16;
+                    if (now - t0 >= budget) break;
+                }
+            }
+            atomic_fetch_sub_explicit(&conc__spinners, 1, CONC__RELAXED);
+            if (got) {
+                if (budget < CONC_SPIN_NS) conc__spin_budget = budget * 2 < CONC_SPIN_NS ? budget * 2 : CONC_SPIN_NS;
+                waited = t0 ? conc_now() - t0 : (i * per16) / 16;
+                goto done;
+            }
+            if (budget > 1000) conc__spin_budget = budget / 2;
+        } else {
+            atomic_fetch_sub_explicit(&conc__spinners, 1, CONC__RELAXED);
+        }
+    }
+#endif
+    if (t0 == 0) t0 = conc_now();
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    CONC__LOCK(&s->mu);
+    {
+        int expect = CONC__PARK_WAITING;
+        if (atomic_compare_exchange_strong_explicit(&s->park, &expect, CONC__PARK_SLEEPING, CONC__ACQ_REL, CONC__ACQUIRE)) {
+            while (atomic_load_explicit(&s->park, CONC__ACQUIRE) != CONC__PARK_DONE) pthread_cond_wait(&s->cv, &s->mu);
+        }
+    }
+    CONC__UNLOCK(&s->mu);
+    pthread_cond_destroy(&s->cv);
+    pthread_mutex_destroy(&s->mu);
+    waited = conc_now() - t0;
+done:
+    CONC__HB_AFTER(s);
+    return waited;
+}
+
+/* ======================================================================== */
+/* >>internal: the timer thread                                             */
+/* ======================================================================== */
+/* One thread serves every deadline, timer, ticker and sleep: a binary min-heap of entries
+   ordered by `when`, guarded by conc__timers.mu. The thread starts with the first entry,
+   leaves after CONC__TIMER_IDLE_NS without entries, and is joined by whoever starts the
+   next one, or at exit.
+
+   Invariants:
+   - entry.idx is its heap position while it is in the heap, CONC__NOT_IN_HEAP otherwise
+     (guarded by conc__timers.mu). Whoever takes an entry out of the heap - the thread
+     when it fires, or conc__timer_remove - owns whatever reference the entry held.
+   - Most entries fire under conc__timers.mu (a try_send into a timer's channel, waking a
+     sleeper), so stop/reset see a timer either before or after its fire, never during.
+     Context deadlines fire without it (cancellation runs user after-funcs).
+   Lock order: conc__timers.mu -> channel locks (a timer fires into its channel). */
+
+#define CONC__NOT_IN_HEAP SIZE_MAX
+#define CONC__TIMER_IDLE_NS (1 * CONC_SECOND)
+
+typedef struct conc__tentry {
+    int64_t when;                                      /* (timers.mu) */
+    size_t idx;                                        /* (timers.mu) heap position */
+    void (*fire)(struct conc__tentry *e, int64_t now); /* immutable once added */
+    bool fire_unlocked;                                /* fire without timers.mu */
+} conc__tentry;
+
+enum { CONC__TT_NONE, CONC__TT_RUNNING, CONC__TT_EXITED };
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;     /* CLOCK_MONOTONIC; signalled when the earliest entry changes */
+    conc__tentry **heap;   /* (mu) */
+    size_t n, cap;         /* (mu) */
+    pthread_t thread;      /* (mu) valid unless state == CONC__TT_NONE */
+    int state;             /* (mu) CONC__TT_* */
+    bool stopping;         /* (mu) set at exit: no thread starts any more */
+} conc__timers = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0, 0, CONC__TT_NONE, false};
+static pthread_once_t conc__timers_once = PTHREAD_ONCE_INIT;
+
+static void conc__timer_atexit(void) {
+    pthread_t t;
+    int state;
+    CONC__LOCK(&conc__timers.mu);
+    {
+        conc__timers.stopping = true;
+        pthread_cond_signal(&conc__timers.cv);
+        t = conc__timers.thread;
+        state = conc__timers.state;
+    }
+    CONC__UNLOCK(&conc__timers.mu);
+    if (state != CONC__TT_NONE && !pthread_equal(t, pthread_self())) {
+        pthread_join(t, NULL);
+        CONC__LOCK(&conc__timers.mu);
+        conc__timers.state = CONC__TT_NONE;
+        CONC__UNLOCK(&conc__timers.mu);
+    }
+    CONC__LOCK(&conc__timers.mu);
+    {
+        /* entries still pending at exit never fire; only the array is ours */
+        for (size_t i = 0; i < conc__timers.n; i++) conc__timers.heap[i]->idx = CONC__NOT_IN_HEAP;
+        CONC_FREE(conc__timers.heap);
+        conc__timers.heap = NULL;
+        conc__timers.n = conc__timers.cap = 0;
+    }
+    CONC__UNLOCK(&conc__timers.mu);
+}
+
+static void conc__timers_init(void) {
+    pthread_condattr_t a;
+    pthread_condattr_init(&a);
+    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+    pthread_cond_init(&conc__timers.cv, &a);
+    pthread_condattr_destroy(&a);
+    atexit(conc__timer_atexit);
+}
+
+static void conc__heap_set(size_t i, conc__tentry *e) {
+    conc__timers.heap[i] = e;
+    e->idx = i;
+}
+
+static void conc__heap_up(size_t i) {
+    conc__tentry *e = conc__timers.heap[i];
+    while (i > 0) {
+        size_t p = (i - 1) / 2;
+        if (conc__timers.heap[p]->when <= e->when) break;
+        conc__heap_set(i, conc__timers.heap[p]);
+        i = p;
+    }
+    conc__heap_set(i, e);
+}
+
+static void conc__heap_down(size_t i) {
+    conc__tentry *e = conc__timers.heap[i];
+    size_t n = conc__timers.n;
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= n) break;
+        if (c + 1 < n && conc__timers.heap[c + 1]->when < conc__timers.heap[c]->when) c++;
+        if (e->when <= conc__timers.heap[c]->when) break;
+        conc__heap_set(i, conc__timers.heap[c]);
+        i = c;
+    }
+    conc__heap_set(i, e);
+}
+
+/* timers.mu held */
+static void conc__heap_remove(conc__tentry *e) {
+    size_t i = e->idx;
+    conc__tentry *last = conc__timers.heap[--conc__timers.n];
+    e->idx = CONC__NOT_IN_HEAP;
+    if (last == e) return;
+    conc__heap_set(i, last);
+    if (i > 0 && conc__timers.heap[(i - 1) / 2]->when > last->when) conc__heap_up(i);
+    else conc__heap_down(i);
+}
+
+static void *conc__timer_main(void *arg) {
+    (void)arg;
+    CONC__LOCK(&conc__timers.mu);
+    while (!conc__timers.stopping) {
+        if (conc__timers.n == 0) {
+            struct timespec ts = conc__timespec(conc_now() + CONC__TIMER_IDLE_NS);
+            int rc = pthread_cond_timedwait(&conc__timers.cv, &conc__timers.mu, &ts);
+            if (rc == ETIMEDOUT && conc__timers.n == 0) break; /* idle: leave, be joined later */
+            continue;
+        }
+        conc__tentry *e = conc__timers.heap[0];
+        int64_t now = conc_now();
+        if (e->when > now) {
+            struct timespec ts = conc__timespec(e->when);
+            pthread_cond_timedwait(&conc__timers.cv, &conc__timers.mu, &ts);
+            continue;
+        }
+        conc__heap_remove(e);
+        if (e->fire_unlocked) {
+            CONC__UNLOCK(&conc__timers.mu);
+            e->fire(e, now);
+            CONC__LOCK(&conc__timers.mu);
+        } else {
+            e->fire(e, now);
+        }
+    }
+    conc__timers.state = CONC__TT_EXITED;
+    CONC__UNLOCK(&conc__timers.mu);
+    return NULL;
+}
+
+/* timers.mu held. Starts the thread if there is none; joins one that left while idle. */
+static int conc__timer_thread_ensure(void) {
+    if (conc__timers.state == CONC__TT_RUNNING || conc__timers.stopping) return 0;
+    if (conc__timers.state == CONC__TT_EXITED) {
+        pthread_join(conc__timers.thread, NULL); /* it no longer takes the lock we hold */
+        conc__timers.state = CONC__TT_NONE;
+    }
+    /* conc's threads never take signals: applications can sigwait in a thread of theirs */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(&conc__timers.thread, NULL, conc__timer_main, NULL);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) return CONC_SYSTEM;
+    conc__timers.state = CONC__TT_RUNNING;
+    return 0;
+}
+
+/* timers.mu held. */
+static int conc__timer_add_locked(conc__tentry *e) {
+    if (conc__timers.n == conc__timers.cap) {
+        size_t cap = conc__timers.cap ? conc__timers.cap * 2 : 64;
+        conc__tentry **h = (conc__tentry **)CONC_MALLOC(cap * sizeof *h);
+        if (!h) return CONC_NOMEM;
+        if (conc__timers.n) memcpy(h, conc__timers.heap, conc__timers.n * sizeof *h);
+        CONC_FREE(conc__timers.heap);
+        conc__timers.heap = h;
+        conc__timers.cap = cap;
+    }
+    int rc = conc__timer_thread_ensure();
+    if (rc != 0) return rc;
+    conc__heap_set(conc__timers.n++, e);
+    conc__heap_up(e->idx);
+    if (e->idx == 0) pthread_cond_signal(&conc__timers.cv);
+    return 0;
+}
+
+static int conc__timer_add(conc__tentry *e) {
+    pthread_once(&conc__timers_once, conc__timers_init);
+    int rc;
+    CONC__LOCK(&conc__timers.mu);
+    rc = conc__timer_add_locked(e);
+    CONC__UNLOCK(&conc__timers.mu);
+    return rc;
+}
+
+/* Returns true if e was still pending (the caller now owns what the entry held). */
+static bool conc__timer_remove(conc__tentry *e) {
+    bool was = false;
+    pthread_once(&conc__timers_once, conc__timers_init);
+    CONC__LOCK(&conc__timers.mu);
+    if (e->idx != CONC__NOT_IN_HEAP) {
+        conc__heap_remove(e);
+        was = true;
+    }
+    CONC__UNLOCK(&conc__timers.mu);
+    return was;
+}
+
+/* ======================================================================== */
+/* >>ctx: contexts                                                          */
+/* ======================================================================== */
+/* A tree of heap nodes, each with its own mutex.
+
+   Invariants:
+   - err goes once from 0 to CONC_CANCELED / CONC_DEADLINE_EXCEEDED, under mu, after cause
+     is written; it is read without the lock (acquire). Once err is set the node has no
+     kids, no waiters and no pending after-funcs, and never gets any.
+   - A node that can end (can_end: it is cancellable or has an ancestor that is) and has
+     not ended is linked in its parent's kids list if the parent can end. The list holds
+     no reference; a node unlinks itself before it is freed.
+   - refs counts: the creator's (dropped by release), one per child (child->parent), one
+     for a pending deadline entry, one per after-func handle, and one per cancellation walk
+     that is processing the node. Walks take theirs only if refs is not already 0
+     (a node at 0 is being freed and is just unlinked).
+   Lock order: parent.mu before child.mu is never needed: a walk holds one node's mu at a
+   time. Channel locks -> ctx.mu (a blocked call registers while holding its channels). */
+
+enum { CONC__CTX_BACKGROUND, CONC__CTX_CANCEL, CONC__CTX_VALUE };
+
+struct conc_after_func {
+    conc_after_func_t *prev, *next; /* (ctx->mu) while pending; then the run list */
+    conc_ctx_t *ctx;                /* holds a reference until stop */
+    void (*fn)(void *arg);
+    void *arg;
+    int state;                      /* (ctx->mu) CONC__AF_* */
+    bool linked;                    /* (ctx->mu) in ctx->afs */
+    _Atomic int refs;               /* the handle; a pending run */
+};
+enum { CONC__AF_PENDING, CONC__AF_STARTED, CONC__AF_STOPPED };
+
+struct conc_ctx {
+    pthread_mutex_t mu;
+    _Atomic int err;                  /* see invariants */
+    int cause;                        /* (mu) written before err */
+    _Atomic int refs;
+    conc_ctx_t *parent;               /* immutable; holds a reference */
+    conc_ctx_t *sib_prev, *sib_next;  /* (parent->mu) */
+    bool linked;                      /* (parent->mu) in parent->kids */
+    conc_ctx_t *kids;                 /* (mu) */
+    conc_ctx_t *work_next;            /* owned by the walk that unlinked this node */
+    conc__wq waiters;                 /* (mu) blocked calls */
+    conc_after_func_t *afs;           /* (mu) pending after-funcs */
+    int64_t deadline;                 /* immutable: effective deadline or INT64_MAX */
+    conc__tentry timer;               /* own deadline, when earlier than the parent's */
+    const void *key;                  /* immutable (value contexts) */
+    void *value;
+    unsigned char kind;               /* immutable: CONC__CTX_* */
+    bool can_end;                     /* immutable */
+    bool has_timer;                   /* immutable */
+};
+
+static conc_ctx_t conc__background = {PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, NULL, NULL, NULL, false, NULL, NULL,
+                                      {NULL, NULL}, NULL, INT64_MAX, {0, CONC__NOT_IN_HEAP, NULL, false},
+                                      NULL, NULL, CONC__CTX_BACKGROUND, false, false};
+
+static void conc__ctx_ref(conc_ctx_t *c) {
+    if (c->kind != CONC__CTX_BACKGROUND) atomic_fetch_add_explicit(&c->refs, 1, CONC__RELAXED);
+}
+
+static bool conc__ctx_ref_unless_zero(conc_ctx_t *c) {
+    int r = atomic_load_explicit(&c->refs, CONC__RELAXED);
+    while (r != 0)
+        if (atomic_compare_exchange_weak_explicit(&c->refs, &r, r + 1, CONC__RELAXED, CONC__RELAXED)) return true;
+    return false;
+}
+
+/* Drops a reference; frees the node (and, iteratively, ancestors that drop to 0). */
+static void conc__ctx_unref(conc_ctx_t *c) {
+    while (c && c->kind != CONC__CTX_BACKGROUND) {
+        CONC__HB_BEFORE(&c->refs);
+        if (atomic_fetch_sub_explicit(&c->refs, 1, CONC__ACQ_REL) != 1) return;
+        CONC__HB_AFTER(&c->refs);
+        conc_ctx_t *p = c->parent;
+        if (p->can_end) {
+            CONC__LOCK(&p->mu);
+            if (c->linked) {
+                if (c->sib_prev) c->sib_prev->sib_next = c->sib_next;
+                else p->kids = c->sib_next;
+                if (c->sib_next) c->sib_next->sib_prev = c->sib_prev;
+                c->linked = false;
+            }
+            CONC__UNLOCK(&p->mu);
+        }
+        pthread_mutex_destroy(&c->mu);
+        CONC__CHECKED(&c->err);
+        CONC__CHECKED(&c->refs);
+        CONC_FREE(c);
+        c = p;
+    }
+}
+
+static void conc__af_unref(conc_after_func_t *af) {
+    CONC__HB_BEFORE(&af->refs);
+    if (atomic_fetch_sub_explicit(&af->refs, 1, CONC__ACQ_REL) != 1) return;
+    CONC__HB_AFTER(&af->refs);
+    CONC__CHECKED(&af->refs);
+    CONC_FREE(af);
+}
+
+/* Ends c and every descendant with err/cause. Iterative: a walk over a chain of any depth
+   uses no stack. Waiters are woken and after-funcs run once every lock is released. */
+static void conc__ctx_end(conc_ctx_t *c, int err, int cause) {
+    conc__waiter *wake = NULL;
+    conc_after_func_t *run = NULL;
+    conc_ctx_t *work = NULL, *x = c;
+    conc__ctx_ref(c);
+    while (x) {
+        CONC__LOCK(&x->mu);
+        if (atomic_load_explicit(&x->err, CONC__RELAXED) == 0) {
+            x->cause = cause;
+            CONC__HB_BEFORE(&x->err);
+            atomic_store_explicit(&x->err, err, CONC__RELEASE);
+            conc__waiter *w;
+            while ((w = x->waiters.head) != NULL) {
+                conc__wq_remove(&x->waiters, w);
+                if (conc__sel_claim(w->sel, w->case_index)) {
+                    w->sel->status = err;
+                    w->next = wake;
+                    wake = w;
+                }
+            }
+            for (conc_ctx_t *k = x->kids, *next; k; k = next) {
+                next = k->sib_next;
+                k->linked = false;
+                k->sib_prev = k->sib_next = NULL;
+                if (conc__ctx_ref_unless_zero(k)) {
+                    k->work_next = work;
+                    work = k;
+                }
+            }
+            x->kids = NULL;
+            for (conc_after_func_t *af = x->afs, *next; af; af = next) {
+                next = af->next;
+                af->state = CONC__AF_STARTED;
+                af->linked = false;
+                af->next = run;
+                run = af;
+            }
+            x->afs = NULL;
+        }
+        CONC__UNLOCK(&x->mu);
+        if (x->has_timer && conc__timer_remove(&x->timer)) conc__ctx_unref(x); /* the entry's ref */
+        conc__ctx_unref(x);                                                     /* the walk's ref */
+        x = work;
+        if (x) work = x->work_next;
+    }
+    conc__wake_list(wake);
+    while (run) {
+        conc_after_func_t *next = run->next;
+        run->fn(run->arg);
+        conc__af_unref(run);
+        run = next;
+    }
+}
+
+static void conc__ctx_deadline_fire(conc__tentry *e, int64_t now) {
+    conc_ctx_t *c = (conc_ctx_t *)(void *)((char *)e - offsetof(conc_ctx_t, timer));
+    (void)now;
+    conc__ctx_end(c, CONC_DEADLINE_EXCEEDED, CONC_DEADLINE_EXCEEDED);
+    conc__ctx_unref(c); /* the entry's ref */
+}
+
+static conc_ctx_t *conc__ctx_new(conc_ctx_t *parent, int kind, int64_t deadline, const void *key, void *value) {
+    if (!parent) parent = &conc__background;
+    conc_ctx_t *c = (conc_ctx_t *)CONC_MALLOC(sizeof *c);
+    if (!c) return NULL;
+    memset(c, 0, sizeof *c);
+    conc__mutex_init(&c->mu);
+    CONC__UNCHECKED(&c->err);
+    CONC__UNCHECKED(&c->refs);
+    atomic_init(&c->err, 0);
+    atomic_init(&c->refs, 1);
+    c->parent = parent;
+    conc__ctx_ref(parent);
+    c->kind = (unsigned char)kind;
+    c->key = key;
+    c->value = value;
+    c->can_end = kind == CONC__CTX_CANCEL || parent->can_end;
+    c->deadline = parent->deadline;
+    c->timer.idx = CONC__NOT_IN_HEAP;
+    if (deadline < parent->deadline) {
+        c->deadline = deadline;
+        c->has_timer = true;
+        c->timer.when = deadline;
+        c->timer.fire = conc__ctx_deadline_fire;
+        c->timer.fire_unlocked = true;
+    }
+    if (parent->can_end) {
+        CONC__LOCK(&parent->mu);
+        {
+            int e = atomic_load_explicit(&parent->err, CONC__RELAXED);
+            if (e) {
+                c->cause = parent->cause;
+                atomic_store_explicit(&c->err, e, CONC__RELEASE);
+            } else {
+                c->sib_next = parent->kids;
+                if (parent->kids) parent->kids->sib_prev = c;
+                parent->kids = c;
+                c->linked = true;
+            }
+        }
+        CONC__UNLOCK(&parent->mu);
+    }
+    if (c->has_timer && atomic_load_explicit(&c->err, CONC__ACQUIRE) == 0) {
+        if (deadline <= conc_now()) {
+            conc__ctx_end(c, CONC_DEADLINE_EXCEEDED, CONC_DEADLINE_EXCEEDED);
+        } else {
+            conc__ctx_ref(c); /* the entry's */
+            if (conc__timer_add(&c->timer) != 0) {
+                conc__ctx_unref(c);
+                conc_ctx_release(c);
+                return NULL;
+            }
+            /* ended meanwhile by its parent: its walk may have looked for the entry too soon */
+            if (atomic_load_explicit(&c->err, CONC__ACQUIRE) != 0 && conc__timer_remove(&c->timer)) conc__ctx_unref(c);
+        }
+    }
+    return c;
+}
+
+CONC_API conc_ctx_t *conc_ctx_background(void) { return &conc__background; }
+
+CONC_API conc_ctx_t *conc_ctx_with_cancel(conc_ctx_t *parent) {
+    return conc__ctx_new(parent, CONC__CTX_CANCEL, INT64_MAX, NULL, NULL);
+}
+
+CONC_API conc_ctx_t *conc_ctx_with_deadline(conc_ctx_t *parent, int64_t deadline_ns) {
+    return conc__ctx_new(parent, CONC__CTX_CANCEL, deadline_ns, NULL, NULL);
+}
+
+CONC_API conc_ctx_t *conc_ctx_with_timeout(conc_ctx_t *parent, int64_t timeout_ns) {
+    int64_t now = conc_now();
+    int64_t d = timeout_ns > INT64_MAX - now ? INT64_MAX : now + timeout_ns;
+    return conc__ctx_new(parent, CONC__CTX_CANCEL, d, NULL, NULL);
+}
+
+CONC_API conc_ctx_t *conc_ctx_with_value(conc_ctx_t *parent, const void *key, void *value) {
+    return conc__ctx_new(parent, CONC__CTX_VALUE, INT64_MAX, key, value);
+}
+
+CONC_API void conc_ctx_cancel_cause(conc_ctx_t *ctx, int cause) {
+    if (!ctx || ctx->kind != CONC__CTX_CANCEL) return;
+    if (atomic_load_explicit(&ctx->err, CONC__ACQUIRE) != 0) return;
+    conc__ctx_end(ctx, CONC_CANCELED, cause ? cause : CONC_CANCELED);
+}
+
+CONC_API void conc_ctx_cancel(conc_ctx_t *ctx) { conc_ctx_cancel_cause(ctx, 0); }
+
+CONC_API void conc_ctx_release(conc_ctx_t *ctx) {
+    if (!ctx || ctx->kind == CONC__CTX_BACKGROUND) return;
+    if (ctx->kind == CONC__CTX_CANCEL) {
+        conc_ctx_cancel(ctx);
+        /* ended, so it will never be cancelled again: leave the parent's list now */
+        conc_ctx_t *p = ctx->parent;
+        if (p->can_end) {
+            CONC__LOCK(&p->mu);
+            if (ctx->linked) {
+                if (ctx->sib_prev) ctx->sib_prev->sib_next = ctx->sib_next;
+                else p->kids = ctx->sib_next;
+                if (ctx->sib_next) ctx->sib_next->sib_prev = ctx->sib_prev;
+                ctx->linked = false;
+            }
+            CONC__UNLOCK(&p->mu);
+        }
+    }
+    /* a value context stays linked while children need it to pass cancellation down */
+    conc__ctx_unref(ctx);
+}
+
+CONC_API int conc_ctx_err(const conc_ctx_t *ctx) {
+    if (!ctx) return 0;
+    int e = atomic_load_explicit(&((conc_ctx_t *)ctx)->err, CONC__ACQUIRE);
+    if (e) CONC__HB_AFTER(&ctx->err);
+    return e;
+}
+
+CONC_API int conc_ctx_cause(const conc_ctx_t *ctx) {
+    return conc_ctx_err(ctx) ? ctx->cause : 0;
+}
+
+CONC_API bool conc_ctx_deadline(const conc_ctx_t *ctx, int64_t *deadline_ns) {
+    if (!ctx || ctx->deadline == INT64_MAX) return false;
+    if (deadline_ns) *deadline_ns = ctx->deadline;
+    return true;
+}
+
+CONC_API void *conc_ctx_value(const conc_ctx_t *ctx, const void *key) {
+    for (; ctx; ctx = ctx->parent)
+        if (ctx->kind == CONC__CTX_VALUE && ctx->key == key) return ctx->value;
+    return NULL;
+}
+
+static bool conc__ctx_can_end(const conc_ctx_t *ctx) { return ctx && ctx->can_end; }
+
+/* Registers a blocked call on ctx. Returns 0, or ctx's err if it has already ended (then
+   nothing is registered). */
+static int conc__ctx_register(conc_ctx_t *ctx, conc__waiter *w, conc__sel *s, int index) {
+    int e;
+    w->sel = s;
+    w->case_index = index;
+    w->elem = NULL;
+    CONC__LOCK(&ctx->mu);
+    {
+        e = atomic_load_explicit(&ctx->err, CONC__RELAXED);
+        if (e == 0) conc__wq_push(&ctx->waiters, w);
+    }
+    CONC__UNLOCK(&ctx->mu);
+    return e;
+}
+
+static void conc__ctx_unregister(conc_ctx_t *ctx, conc__waiter *w) {
+    CONC__LOCK(&ctx->mu);
+    if (w->queued) conc__wq_remove(&ctx->waiters, w);
+    CONC__UNLOCK(&ctx->mu);
+}
+
+CONC_API int conc_ctx_wait(conc_ctx_t *ctx) {
+    conc_case c = CONC_DONE(ctx);
+    if (!ctx) ctx = &conc__background; /* never ends: blocks for ever, as documented */
+    c.ctx = ctx;
+    int rc = conc_select(&c, 1, NULL);
+    return rc < 0 ? rc : c.status;
+}
+
+CONC_API conc_after_func_t *conc_ctx_after_func(conc_ctx_t *ctx, void (*fn)(void *arg), void *arg) {
+    if (!ctx) ctx = &conc__background;
+    if (!fn) return NULL;
+    conc_after_func_t *af = (conc_after_func_t *)CONC_MALLOC(sizeof *af);
+    if (!af) return NULL;
+    memset(af, 0, sizeof *af);
+    CONC__UNCHECKED(&af->refs);
+    atomic_init(&af->refs, 1);
+    af->ctx = ctx;
+    af->fn = fn;
+    af->arg = arg;
+    conc__ctx_ref(ctx);
+    bool run_now = false;
+    if (ctx->can_end) {
+        CONC__LOCK(&ctx->mu);
+        if (atomic_load_explicit(&ctx->err, CONC__RELAXED) == 0) {
+            atomic_fetch_add_explicit(&af->refs, 1, CONC__RELAXED); /* the pending run's */
+            af->next = ctx->afs;
+            if (ctx->afs) ctx->afs->prev = af;
+            ctx->afs = af;
+            af->linked = true;
+        } else {
+            af->state = CONC__AF_STARTED;
+            run_now = true;
+        }
+        CONC__UNLOCK(&ctx->mu);
+    }
+    if (run_now) fn(arg);
+    return af;
+}
+
+CONC_API bool conc_after_func_stop(conc_after_func_t *af) {
+    if (!af) return false;
+    conc_ctx_t *ctx = af->ctx;
+    bool stopped = false, drop_run = false;
+    CONC__LOCK(&ctx->mu);
+    if (af->state == CONC__AF_PENDING) {
+        if (af->linked) {
+            if (af->prev) af->prev->next = af->next;
+            else ctx->afs = af->next;
+            if (af->next) af->next->prev = af->prev;
+            af->linked = false;
+            drop_run = true;
+        }
+        af->state = CONC__AF_STOPPED;
+        stopped = true;
+    }
+    CONC__UNLOCK(&ctx->mu);
+    if (drop_run) conc__af_unref(af);
+    conc__af_unref(af);
+    conc__ctx_unref(ctx);
+    return stopped;
+}
+
+/* ======================================================================== */
+/* >>chan: channels                                                         */
+/* ======================================================================== */
+/* One mutex per channel guards everything but the immutable sizes and the two atomic
+   wait-time sums.
+
+   Invariants (Go's runtime/chan.go, for the same reasons):
+   - At least one of sendq and recvq holds no live waiter: a receiver queues only when the
+     buffer is empty and no sender waits; a sender only when the buffer is full (cap 0:
+     always full) and no receiver waits. Stale waiters (claimed elsewhere) may linger on
+     either queue until someone pops them or their owner unlinks them.
+   - count > 0 implies recvq holds no live waiter; count < cap implies sendq holds none.
+   - A value moves once: from the sender's memory into the buffer or straight into a
+     waiting receiver's memory, under the lock, by whoever claimed the waiter.
+   - Once closed, nothing queues; close completed every waiter with CONC_CLOSED.
+   Lock order: timers.mu -> channels (by address, when a select holds several) -> ctx.mu. */
+
+struct conc_chan {
+    pthread_mutex_t mu;
+    size_t elem_size, cap;          /* immutable */
+    unsigned char *buf;             /* immutable pointer; slots (mu) */
+    size_t head, count;             /* (mu) ring buffer */
+    bool closed;                    /* (mu) */
+    conc__wq sendq, recvq;          /* (mu) blocked senders / receivers, FIFO */
+    size_t high_water;              /* (mu) */
+    uint64_t sends, recvs;          /* (mu) */
+    uint64_t blocked_sends, blocked_recvs; /* (mu) */
+    _Atomic int64_t send_wait_ns, recv_wait_ns; /* added by each waiter as it leaves */
+};
+
+CONC_API conc_chan_t *conc_chan_new(size_t elem_size, size_t cap) {
+    if (cap && elem_size > SIZE_MAX / cap) return NULL;
+    conc_chan_t *ch = (conc_chan_t *)CONC_MALLOC(sizeof *ch);
+    if (!ch) return NULL;
+    memset(ch, 0, sizeof *ch);
+    if (cap && elem_size) {
+        ch->buf = (unsigned char *)CONC_MALLOC(cap * elem_size);
+        if (!ch->buf) {
+            CONC_FREE(ch);
+            return NULL;
+        }
+    }
+    conc__mutex_init(&ch->mu);
+    ch->elem_size = elem_size;
+    ch->cap = cap;
+    CONC__UNCHECKED(&ch->send_wait_ns);
+    CONC__UNCHECKED(&ch->recv_wait_ns);
+    atomic_init(&ch->send_wait_ns, 0);
+    atomic_init(&ch->recv_wait_ns, 0);
+    return ch;
+}
+
+CONC_API int conc_chan_free(conc_chan_t *ch) {
+    if (!ch) return 0;
+    int busy;
+    CONC__LOCK(&ch->mu);
+    busy = ch->sendq.head != NULL || ch->recvq.head != NULL;
+    CONC__UNLOCK(&ch->mu);
+    if (busy) return CONC_BUSY;
+    pthread_mutex_destroy(&ch->mu);
+    CONC__CHECKED(&ch->send_wait_ns);
+    CONC__CHECKED(&ch->recv_wait_ns);
+    CONC_FREE(ch->buf);
+    CONC_FREE(ch);
+    return 0;
+}
+
+static void conc__copy(void *dst, const void *src, size_t n) {
+    if (n && dst) memcpy(dst, src, n);
+}
+
+static unsigned char *conc__slot(conc_chan_t *ch, size_t i) {
+    size_t k = ch->head + i;
+    if (k >= ch->cap) k -= ch->cap;
+    return ch->buf + k * ch->elem_size;
+}
+
+/* ch->mu held. A send that can complete now does; returns CONC_WOULD_BLOCK otherwise.
+   *wake: a waiter this claimed and must wake after unlocking. */
+static int conc__send_locked(conc_chan_t *ch, const void *elem, conc__waiter **wake) {
+    if (ch->closed) return CONC_CLOSED;
+    conc__waiter *r = conc__wq_claim(&ch->recvq);
+    if (r) {
+        conc__copy(r->elem, elem, ch->elem_size);
+        r->sel->status = 0;
+        ch->sends++;
+        ch->recvs++;
+        *wake = r;
+        return 0;
+    }
+    if (ch->count < ch->cap) {
+        conc__copy(conc__slot(ch, ch->count), elem, ch->elem_size);
+        if (++ch->count > ch->high_water) ch->high_water = ch->count;
+        ch->sends++;
+        return 0;
+    }
+    return CONC_WOULD_BLOCK;
+}
+
+/* ch->mu held. As conc__send_locked, for a receive. */
+static int conc__recv_locked(conc_chan_t *ch, void *elem, conc__waiter **wake) {
+    if (ch->count > 0) {
+        conc__copy(elem, conc__slot(ch, 0), ch->elem_size);
+        if (++ch->head == ch->cap) ch->head = 0;
+        ch->count--;
+        ch->recvs++;
+        conc__waiter *s = conc__wq_claim(&ch->sendq); /* its value takes the freed slot */
+        if (s) {
+            conc__copy(conc__slot(ch, ch->count), s->elem, ch->elem_size);
+            ch->count++;
+            ch->sends++;
+            s->sel->status = 0;
+            *wake = s;
+        }
+        return 0;
+    }
+    conc__waiter *s = conc__wq_claim(&ch->sendq);
+    if (s) {
+        conc__copy(elem, s->elem, ch->elem_size);
+        s->sel->status = 0;
+        ch->sends++;
+        ch->recvs++;
+        *wake = s;
+        return 0;
+    }
+    if (ch->closed) {
+        if (elem && ch->elem_size) memset(elem, 0, ch->elem_size);
+        return CONC_CLOSED;
+    }
+    return CONC_WOULD_BLOCK;
+}
+
+/* ch->mu held on entry, released on return. Queues the caller and parks it. */
+static int conc__chan_block(conc_chan_t *ch, bool is_send, void *elem, conc_ctx_t *ctx) {
+    conc__sel s;
+    conc__waiter w, cw;
+    bool reg = conc__ctx_can_end(ctx);
+    conc__sel_init(&s);
+    if (reg) {
+        int e = conc__ctx_register(ctx, &cw, &s, CONC__OWN_CTX);
+        if (e) {
+            CONC__UNLOCK(&ch->mu);
+            conc__sel_fini(&s);
+            return e;
+        }
+    }
+    w.sel = &s;
+    w.elem = elem;
+    w.case_index = 0;
+    conc__wq_push(is_send ? &ch->sendq : &ch->recvq, &w);
+    if (is_send) ch->blocked_sends++;
+    else ch->blocked_recvs++;
+    CONC__UNLOCK(&ch->mu);
+
+    int64_t waited = conc__sel_park(&s);
+    if (atomic_load_explicit(&s.fired, CONC__RELAXED) == CONC__OWN_CTX) {
+        CONC__LOCK(&ch->mu);
+        if (w.queued) conc__wq_remove(is_send ? &ch->sendq : &ch->recvq, &w);
+        CONC__UNLOCK(&ch->mu);
+    } else if (reg) {
+        conc__ctx_unregister(ctx, &cw);
+    }
+    atomic_fetch_add_explicit(is_send ? &ch->send_wait_ns : &ch->recv_wait_ns, waited, CONC__RELAXED);
+    conc__sel_fini(&s);
+    return s.status;
+}
+
+static int conc__chan_send(conc_chan_t *ch, const void *elem, conc_ctx_t *ctx, bool block) {
+    conc__waiter *wake = NULL;
+    if (!ch || (!elem && ch->elem_size)) return CONC_INVALID;
+    CONC__LOCK(&ch->mu);
+    int rc = conc__send_locked(ch, elem, &wake);
+    if (rc == CONC_WOULD_BLOCK && block) return conc__chan_block(ch, true, (void *)elem, ctx);
+    CONC__UNLOCK(&ch->mu);
+    if (wake) conc__sel_wake(wake->sel);
+    return rc;
+}
+
+static int conc__chan_recv(conc_chan_t *ch, void *elem, conc_ctx_t *ctx, bool block) {
+    conc__waiter *wake = NULL;
+    if (!ch) return CONC_INVALID;
+    CONC__LOCK(&ch->mu);
+    int rc = conc__recv_locked(ch, elem, &wake);
+    if (rc == CONC_WOULD_BLOCK && block) return conc__chan_block(ch, false, elem, ctx);
+    CONC__UNLOCK(&ch->mu);
+    if (wake) conc__sel_wake(wake->sel);
+    return rc;
+}
+
+CONC_API int conc_chan_send(conc_chan_t *ch, const void *elem, conc_ctx_t *ctx) {
+    return conc__chan_send(ch, elem, ctx, true);
+}
+CONC_API int conc_chan_recv(conc_chan_t *ch, void *elem, conc_ctx_t *ctx) {
+    return conc__chan_recv(ch, elem, ctx, true);
+}
+CONC_API int conc_chan_try_send(conc_chan_t *ch, const void *elem) {
+    return conc__chan_send(ch, elem, NULL, false);
+}
+CONC_API int conc_chan_try_recv(conc_chan_t *ch, void *elem) {
+    return conc__chan_recv(ch, elem, NULL, false);
+}
+
+CONC_API int conc_chan_close(conc_chan_t *ch) {
+    conc__waiter *wake = NULL, *w;
+    if (!ch) return CONC_INVALID;
+    CONC__LOCK(&ch->mu);
+    if (ch->closed) {
+        CONC__UNLOCK(&ch->mu);
+        return CONC_CLOSED;
+    }
+    ch->closed = true;
+    while ((w = conc__wq_claim(&ch->recvq)) != NULL) {
+        if (w->elem && ch->elem_size) memset(w->elem, 0, ch->elem_size);
+        w->sel->status = CONC_CLOSED;
+        w->next = wake;
+        wake = w;
+    }
+    while ((w = conc__wq_claim(&ch->sendq)) != NULL) {
+        w->sel->status = CONC_CLOSED;
+        w->next = wake;
+        wake = w;
+    }
+    CONC__UNLOCK(&ch->mu);
+    conc__wake_list(wake);
+    return 0;
+}
+
+CONC_API size_t conc_chan_len(conc_chan_t *ch) {
+    size_t n;
+    if (!ch) return 0;
+    CONC__LOCK(&ch->mu);
+    n = ch->count;
+    CONC__UNLOCK(&ch->mu);
+    return n;
+}
+
+CONC_API size_t conc_chan_cap(const conc_chan_t *ch) { return ch ? ch->cap : 0; }
+CONC_API size_t conc_chan_elem_size(const conc_chan_t *ch) { return ch ? ch->elem_size : 0; }
+
+CONC_API void conc_chan_stats_get(conc_chan_t *ch, conc_chan_stats *out) {
+    if (!out) return;
+    memset(out, 0, sizeof *out);
+    if (!ch) return;
+    CONC__LOCK(&ch->mu);
+    {
+        out->high_water = ch->high_water;
+        out->sends = ch->sends;
+        out->recvs = ch->recvs;
+        out->blocked_sends = ch->blocked_sends;
+        out->blocked_recvs = ch->blocked_recvs;
+    }
+    CONC__UNLOCK(&ch->mu);
+    out->send_wait_ns = atomic_load_explicit(&ch->send_wait_ns, CONC__RELAXED);
+    out->recv_wait_ns = atomic_load_explicit(&ch->recv_wait_ns, CONC__RELAXED);
+}
+
+/* ======================================================================== */
+/* >>select                                                                 */
+/* ======================================================================== */
+/* Go's selectgo: lock every channel of the select in address order (each once), poll the
+   cases in a random order, perform the first ready one; otherwise queue one waiter per
+   case (in that random order) plus one on each context, all sharing one conc__sel, unlock,
+   and park. The first completer claims the sel; after the wake the select unlinks its
+   other waiters, one channel lock at a time. Holding all locks during the poll gives the
+   poll one instant (no smeared view) and lets no peer slip between poll and queueing. */
+
+#define CONC__SELECT_STACK 16
+
+static void conc__select_lock(conc_case *cases, const uint16_t *lockorder, size_t nlock) {
+    conc_chan_t *last = NULL;
+    for (size_t k = 0; k < nlock; k++) {
+        conc_chan_t *ch = cases[lockorder[k]].ch;
+        if (ch != last) CONC__LOCK(&ch->mu);
+        last = ch;
+    }
+}
+
+static void conc__select_unlock(conc_case *cases, const uint16_t *lockorder, size_t nlock) {
+    for (size_t k = nlock; k-- > 0;) {
+        conc_chan_t *ch = cases[lockorder[k]].ch;
+        if (k == 0 || cases[lockorder[k - 1]].ch != ch) CONC__UNLOCK(&ch->mu);
+    }
+}
+
+static int conc__select(conc_case *cases, size_t n, conc_ctx_t *ctx, bool block) {
+    uint16_t order_buf[CONC__SELECT_STACK], lock_buf[CONC__SELECT_STACK];
+    conc__waiter wait_buf[CONC__SELECT_STACK];
+    uint16_t *order = order_buf, *lockorder = lock_buf;
+    conc__waiter *w = wait_buf;
+    void *heap = NULL;
+    size_t nlock = 0;
+    int result;
+
+    if (!cases && n) return CONC_INVALID;
+    if (n == 0 && block && !conc__ctx_can_end(ctx)) return CONC_INVALID; /* would block for ever */
+    if (n > UINT16_MAX) return CONC_INVALID;
+    for (size_t i = 0; i < n; i++) {
+        conc_case *c = &cases[i];
+        if (c->kind != CONC_CASE_SEND && c->kind != CONC_CASE_RECV && c->kind != CONC_CASE_DONE) return CONC_INVALID;
+        if (c->kind == CONC_CASE_SEND && c->ch && c->ch->elem_size && !c->elem) return CONC_INVALID;
+    }
+    if (n > CONC__SELECT_STACK) {
+        heap = CONC_MALLOC(n * (2 * sizeof(uint16_t) + sizeof(conc__waiter)) + sizeof(conc__waiter));
+        if (!heap) return CONC_NOMEM;
+        w = (conc__waiter *)heap;
+        order = (uint16_t *)(void *)(w + n);
+        lockorder = order + n;
+    }
+    /* random poll order (Fisher-Yates), channel cases sorted by address for locking */
+    for (size_t i = 0; i < n; i++) {
+        size_t j = conc__rand_below((uint32_t)i + 1);
+        order[i] = order[j];
+        order[j] = (uint16_t)i;
+        if (cases[i].kind != CONC_CASE_DONE && cases[i].ch) {
+            size_t k = nlock++;
+            while (k > 0 && (uintptr_t)cases[lockorder[k - 1]].ch > (uintptr_t)cases[i].ch) {
+                lockorder[k] = lockorder[k - 1];
+                k--;
+            }
+            lockorder[k] = (uint16_t)i;
+        }
+        w[i].sel = NULL;
+        w[i].queued = false;
+    }
+
+    conc__select_lock(cases, lockorder, nlock);
+    for (size_t k = 0; k < n; k++) {
+        size_t i = order[k];
+        conc_case *c = &cases[i];
+        conc__waiter *wake = NULL;
+        int st;
+        if (c->kind == CONC_CASE_DONE) {
+            st = conc_ctx_err(c->ctx);
+            if (st == 0) continue;
+        } else if (!c->ch) {
+            continue;
+        } else {
+            st = c->kind == CONC_CASE_SEND ? conc__send_locked(c->ch, c->elem, &wake)
+                                           : conc__recv_locked(c->ch, c->elem, &wake);
+            if (st == CONC_WOULD_BLOCK) continue;
+        }
+        conc__select_unlock(cases, lockorder, nlock);
+        if (wake) conc__sel_wake(wake->sel);
+        c->status = st;
+        if (c->ok) *c->ok = st == 0;
+        result = (int)i;
+        goto out;
+    }
+    if (!block) {
+        conc__select_unlock(cases, lockorder, nlock);
+        result = CONC_WOULD_BLOCK;
+        goto out;
+    }
+    {
+        conc__sel s;
+        conc__waiter own;
+        bool own_reg = false;
+        conc__sel_init(&s);
+        /* queue everywhere, in the random order; a context found ended completes at once */
+        for (size_t k = 0; k < n; k++) {
+            size_t i = order[k];
+            conc_case *c = &cases[i];
+            if (c->kind == CONC_CASE_DONE) {
+                if (!conc__ctx_can_end(c->ctx)) continue;
+                int e = conc__ctx_register(c->ctx, &w[i], &s, (int)i);
+                if (e) {
+                    w[i].sel = NULL;
+                    conc__sel_complete_self(&s, (int)i, e);
+                    break;
+                }
+            } else if (c->ch) {
+                w[i].sel = &s;
+                w[i].elem = c->elem;
+                w[i].case_index = (int)i;
+                if (c->kind == CONC_CASE_SEND) {
+                    conc__wq_push(&c->ch->sendq, &w[i]);
+                    c->ch->blocked_sends++;
+                } else {
+                    conc__wq_push(&c->ch->recvq, &w[i]);
+                    c->ch->blocked_recvs++;
+                }
+            }
+        }
+        if (conc__ctx_can_end(ctx) && atomic_load_explicit(&s.fired, CONC__RELAXED) == CONC__UNFIRED) {
+            int e = conc__ctx_register(ctx, &own, &s, CONC__OWN_CTX);
+            if (e) conc__sel_complete_self(&s, CONC__OWN_CTX, e);
+            else own_reg = true;
+        }
+        conc__select_unlock(cases, lockorder, nlock);
+
+        int64_t waited = conc__sel_park(&s);
+        int fired = atomic_load_explicit(&s.fired, CONC__RELAXED);
+        for (size_t i = 0; i < n; i++) {
+            conc_case *c = &cases[i];
+            if (!w[i].sel) continue;
+            if (c->kind == CONC_CASE_DONE) {
+                if ((int)i != fired) conc__ctx_unregister(c->ctx, &w[i]);
+                continue;
+            }
+            if ((int)i == fired) {
+                atomic_fetch_add_explicit(c->kind == CONC_CASE_SEND ? &c->ch->send_wait_ns : &c->ch->recv_wait_ns,
+                                          waited, CONC__RELAXED);
+                continue;
+            }
+            CONC__LOCK(&c->ch->mu);
+            if (w[i].queued) conc__wq_remove(c->kind == CONC_CASE_SEND ? &c->ch->sendq : &c->ch->recvq, &w[i]);
+            CONC__UNLOCK(&c->ch->mu);
+        }
+        if (own_reg && fired != CONC__OWN_CTX) conc__ctx_unregister(ctx, &own);
+        conc__sel_fini(&s);
+        if (fired == CONC__OWN_CTX) {
+            result = s.status;
+        } else {
+            cases[fired].status = s.status;
+            if (cases[fired].ok) *cases[fired].ok = s.status == 0;
+            result = fired;
+        }
+    }
+out:
+    CONC_FREE(heap);
+    return result;
+}
+
+CONC_API int conc_select(conc_case *cases, size_t n, conc_ctx_t *ctx) { return conc__select(cases, n, ctx, true); }
+CONC_API int conc_try_select(conc_case *cases, size_t n) { return conc__select(cases, n, NULL, false); }
+
+/* ======================================================================== */
+/* >>timer: timers, tickers, sleep                                          */
+/* ======================================================================== */
+/* A timer is an entry of the timer thread's heap plus a channel of capacity 1. It fires
+   under conc__timers.mu with a try_send, so stop/reset (which also hold it) can remove the
+   entry and drain the channel atomically: no stale value survives them. */
+
+struct conc_timer {
+    conc__tentry e;     /* first: the fire callback casts back */
+    conc_chan_t *ch;    /* immutable */
+    int64_t period;     /* (timers.mu) 0 for a one-shot timer */
+};
+
+static void conc__timer_fire(conc__tentry *e, int64_t now) {
+    conc_timer_t *t = (conc_timer_t *)(void *)e;
+    (void)conc_chan_try_send(t->ch, &now); /* full: the tick is dropped, as Go's Ticker */
+    if (t->period > 0) {
+        int64_t next = e->when + t->period;
+        if (next <= now) next = now + t->period - (now - e->when) % t->period; /* skip missed ticks */
+        e->when = next;
+        (void)conc__timer_add_locked(e);
+    }
+}
+
+static conc_timer_t *conc__timer_new(int64_t delay, int64_t period) {
+    conc_timer_t *t = (conc_timer_t *)CONC_MALLOC(sizeof *t);
+    if (!t) return NULL;
+    memset(t, 0, sizeof *t);
+    t->ch = conc_chan_new(sizeof(int64_t), 1);
+    if (!t->ch) {
+        CONC_FREE(t);
+        return NULL;
+    }
+    t->period = period;
+    t->e.idx = CONC__NOT_IN_HEAP;
+    t->e.fire = conc__timer_fire;
+    t->e.when = conc_now() + (delay > 0 ? delay : 0);
+    if (conc__timer_add(&t->e) != 0) {
+        conc_chan_free(t->ch);
+        CONC_FREE(t);
+        return NULL;
+    }
+    return t;
+}
+
+CONC_API conc_timer_t *conc_timer_after(int64_t delay_ns) { return conc__timer_new(delay_ns, 0); }
+
+CONC_API conc_timer_t *conc_timer_tick(int64_t period_ns) {
+    return period_ns > 0 ? conc__timer_new(period_ns, period_ns) : NULL;
+}
+
+CONC_API conc_chan_t *conc_timer_chan(conc_timer_t *t) { return t ? t->ch : NULL; }
+
+/* timers.mu held */
+static bool conc__timer_stop_locked(conc_timer_t *t) {
+    bool active = t->e.idx != CONC__NOT_IN_HEAP;
+    if (active) conc__heap_remove(&t->e);
+    (void)conc_chan_try_recv(t->ch, NULL);
+    return active;
+}
+
+CONC_API bool conc_timer_stop(conc_timer_t *t) {
+    bool active;
+    if (!t) return false;
+    CONC__LOCK(&conc__timers.mu);
+    active = conc__timer_stop_locked(t);
+    CONC__UNLOCK(&conc__timers.mu);
+    return active;
+}
+
+CONC_API bool conc_timer_reset(conc_timer_t *t, int64_t delay_ns) {
+    bool active;
+    if (!t) return false;
+    CONC__LOCK(&conc__timers.mu);
+    {
+        active = conc__timer_stop_locked(t);
+        if (t->period > 0 && delay_ns > 0) t->period = delay_ns;
+        t->e.when = conc_now() + (delay_ns > 0 ? delay_ns : 0);
+        (void)conc__timer_add_locked(&t->e);
+    }
+    CONC__UNLOCK(&conc__timers.mu);
+    return active;
+}
+
+CONC_API void conc_timer_free(conc_timer_t *t) {
+    if (!t) return;
+    conc_timer_stop(t);
+    conc_chan_free(t->ch);
+    CONC_FREE(t);
+}
+
+/* A sleep is a stack entry whose fire completes the sleeping call directly. */
+typedef struct conc__sleeper {
+    conc__tentry e; /* first */
+    conc__sel *sel;
+} conc__sleeper;
+
+static void conc__sleeper_fire(conc__tentry *e, int64_t now) {
+    conc__sel *s = ((conc__sleeper *)(void *)e)->sel;
+    (void)now;
+    if (conc__sel_claim(s, 0)) {
+        s->status = 0;
+        conc__sel_wake(s);
+    }
+}
+
+CONC_API int conc_sleep(int64_t duration_ns, conc_ctx_t *ctx) {
+    conc__sel s;
+    conc__sleeper sl;
+    conc__waiter cw;
+    bool reg = conc__ctx_can_end(ctx);
+    if (duration_ns <= 0) return conc_ctx_err(ctx);
+    conc__sel_init(&s);
+    sl.sel = &s;
+    sl.e.idx = CONC__NOT_IN_HEAP;
+    sl.e.fire = conc__sleeper_fire;
+    sl.e.fire_unlocked = false;
+    sl.e.when = conc_now() + duration_ns;
+    if (reg) {
+        int e = conc__ctx_register(ctx, &cw, &s, CONC__OWN_CTX);
+        if (e) {
+            conc__sel_fini(&s);
+            return e;
+        }
+    }
+    int rc = conc__timer_add(&sl.e);
+    if (rc != 0) {
+        if (reg) conc__ctx_unregister(ctx, &cw);
+        conc__sel_fini(&s);
+        return rc;
+    }
+    conc__sel_park(&s);
+    conc__timer_remove(&sl.e);
+    if (reg && atomic_load_explicit(&s.fired, CONC__RELAXED) != CONC__OWN_CTX) conc__ctx_unregister(ctx, &cw);
+    conc__sel_fini(&s);
+    return s.status;
+}
+
+#endif /* CONC__IMPLEMENTATION_DONE */
+#endif /* CONC_IMPLEMENTATION */
+
+/*
+------------------------------------------------------------------------------
+This software is available under 2 licenses -- choose whichever you prefer.
+------------------------------------------------------------------------------
+ALTERNATIVE A - MIT License
+Copyright (c) 2026 conc.h developers
+Permission is hereby granted, free of charge, to any person obtaining a copy of
+this software and associated documentation files (the "Software"), to deal in
+the Software without restriction, including without limitation the rights to
+use, copy, modify, merge, publish, distribute, sublicense, and/or sell copies
+of the Software, and to permit persons to whom the Software is furnished to do
+so, subject to the following conditions:
+The above copyright notice and this permission notice shall be included in all
+copies or substantial portions of the Software.
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+SOFTWARE.
+------------------------------------------------------------------------------
+ALTERNATIVE B - Public Domain (www.unlicense.org)
+This is free and unencumbered software released into the public domain.
+Anyone is free to copy, modify, publish, use, compile, sell, or distribute this
+software, either in source code form or as a compiled binary, for any purpose,
+commercial or non-commercial, and by any means.
+In jurisdictions that recognize copyright laws, the author or authors of this
+software dedicate any and all copyright interest in the software to the public
+domain. We make this dedication in the spirit of continual improvement for the
+benefit of humanity and to the detriment of our heirs and successors. We intend
+this dedication to be an overt act of relinquishment in perpetuity of all
+present and future rights to this software under copyright law.
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+SOFTWARE.
+------------------------------------------------------------------------------
+*/
