@@ -290,7 +290,7 @@ static void *sleep_thread(void *arg) {
     return NULL;
 }
 
-TEST(sleep) {
+TEST(sleep_for_duration) {
     int64_t t0 = conc_now();
     EXPECT_EQ(conc_sleep(20 * MS, NULL), 0);
     EXPECT(conc_now() >= t0 + 20 * MS);
@@ -456,7 +456,7 @@ int main(void) {
     RUN(stop_after_fire_not_received_leaves_no_stale_value);
     RUN(reset);
     RUN(timers_in_select);
-    RUN(sleep);
+    RUN(sleep_for_duration);
     RUN(sleep_cancelled_from_other_thread);
     RUN(many_timers_fire_in_deadline_order);
     RUN(timers_from_many_threads);
