@@ -233,13 +233,15 @@ TEST(buffered_fifo) {
     ch = conc_chan_new(sizeof(long), 3);
     ASSERT(ch != NULL);
     long next_in = 0, next_out = 0, bad = 0;
-    for (int round = 0; round < 1000; round++) {
-        int k = 1 + round % 3;
-        for (int j = 0; j < k; j++, next_in++)
+    for (long round = 0; round < 1000; round++) {
+        long level = next_in - next_out; /* never blocks: at most cap buffered */
+        long k = 1 + round % 3;
+        if (k > 3 - level) k = 3 - level;
+        for (long j = 0; j < k; j++, next_in++)
             if (conc_chan_send(ch, &next_in, NULL) != 0) bad++;
         if ((long)conc_chan_len(ch) != next_in - next_out) bad++;
-        int m = (round % 2) ? k : k - 1;
-        for (int j = 0; j < m; j++, next_out++)
+        long m = 1 + (round * 7) % (level + k);
+        for (long j = 0; j < m; j++, next_out++)
             if (conc_chan_recv(ch, &v, NULL) != 0 || v != next_out) bad++;
     }
     while (next_out < next_in) {

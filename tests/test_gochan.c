@@ -180,7 +180,7 @@ TEST(doubleselect) {
        ready; one forwarder per channel feeds a common channel. Were a select to complete
        twice, a value would arrive twice; were a completion lost, a value would be missing
        (or a sender would hang). */
-    long per = tap_iters(20000);
+    long per = tap_iters(10000);
     long total = per * DS_SENDERS;
     conc_chan_t *chans[DS_CHANS];
     conc_chan_t *mux = conc_chan_new(sizeof(long), 0);
@@ -264,7 +264,7 @@ TEST(fifo) {
     for (size_t cap = 0; cap <= 8; cap += 8) {
         conc_chan_t *ch = conc_chan_new(sizeof(long), cap);
         ASSERT(ch != NULL);
-        long n = tap_iters(20000);
+        long n = tap_iters(10000);
         fifo_sender s[FIFO_SENDERS];
         for (int i = 0; i < FIFO_SENDERS; i++) {
             s[i] = (fifo_sender){.ch = ch, .id = i, .n = n};
@@ -621,6 +621,10 @@ TEST(select6_failed_case_keeps_queue_intact) {
         spawn(&s.a, s6_a, &s);
         EXPECT(wait_blocked(s.c1, 0, 1));
         spawn(&s.b, s6_b, &s);
+        /* B's select is parked on both channels once c2 counts a blocked receive (a
+           parked select counts as a waiting receive on each of its channels). */
+        EXPECT(wait_blocked(s.c2, 0, 1));
+        EXPECT(wait_blocked(s.c1, 0, 2));
         char t = 1;
         EXPECT_EQ(conc_chan_send(s.c2, &t, NULL), 0);
         EXPECT_EQ(conc_chan_recv(s.c3, &t, NULL), 0);
@@ -755,7 +759,7 @@ TEST(deep_pipeline_closed_in_order) {
         links[i] = (link_t){.in = chans[i], .out = chans[i + 1]};
         spawn(&links[i].th, link_main, &links[i]);
     }
-    feeder f = {.out = chans[0], .n = tap_iters(2000)};
+    feeder f = {.out = chans[0], .n = tap_iters(1000)};
     spawn(&f.th, feed, &f);
     long bad = 0, count = 0, v;
     int rc;

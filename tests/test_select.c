@@ -339,8 +339,8 @@ TEST(nil_channel_never_ready) {
     long v = -1;
     conc_case nils[] = {CONC_RECV(NULL, &v), CONC_SEND(NULL, &v), CONC_DONE(NULL)};
     EXPECT_EQ(conc_try_select(nils, 3), CONC_WOULD_BLOCK);
-    conc_ctx_t *c = conc_ctx_with_timeout(NULL, 20 * CONC_MILLISECOND);
     int64_t t0 = conc_now();
+    conc_ctx_t *c = conc_ctx_with_timeout(NULL, 20 * CONC_MILLISECOND);
     EXPECT_EQ(conc_select(nils, 3, c), CONC_DEADLINE_EXCEEDED);
     EXPECT(conc_now() - t0 >= 20 * CONC_MILLISECOND);
     conc_ctx_release(c);
@@ -411,9 +411,9 @@ TEST(done_case) {
     conc_ctx_release(c);
 
     /* A deadline. */
+    int64_t t0 = conc_now();
     c = conc_ctx_with_timeout(NULL, 15 * CONC_MILLISECOND);
     conc_case cd[] = {CONC_RECV(ch, &v), CONC_DONE(c)};
-    int64_t t0 = conc_now();
     EXPECT_EQ(conc_select(cd, 2, NULL), 1);
     EXPECT(conc_now() - t0 >= 15 * CONC_MILLISECOND);
     EXPECT_EQ(cd[1].status, CONC_DEADLINE_EXCEEDED);
@@ -728,8 +728,8 @@ TEST(ctx_ends_while_blocked) {
     EXPECT_EQ(conc_chan_send(c2, &one, NULL), 0);
 
     /* A deadline. */
-    c = conc_ctx_with_timeout(NULL, 20 * CONC_MILLISECOND);
     int64_t t0 = conc_now();
+    c = conc_ctx_with_timeout(NULL, 20 * CONC_MILLISECOND);
     EXPECT_EQ(conc_select(cs, 3, c), CONC_DEADLINE_EXCEEDED);
     EXPECT(conc_now() - t0 >= 20 * CONC_MILLISECOND);
     conc_ctx_release(c);
@@ -777,8 +777,8 @@ TEST(zero_cases) {
     EXPECT_EQ(conc_select(NULL, 0, NULL), CONC_INVALID);
     EXPECT_EQ(conc_select(cs, 0, NULL), CONC_INVALID);
     EXPECT_EQ(conc_select(cs, 0, conc_ctx_background()), CONC_INVALID);
-    conc_ctx_t *c = conc_ctx_with_timeout(NULL, 10 * CONC_MILLISECOND);
     int64_t t0 = conc_now();
+    conc_ctx_t *c = conc_ctx_with_timeout(NULL, 10 * CONC_MILLISECOND);
     EXPECT_EQ(conc_select(cs, 0, c), CONC_DEADLINE_EXCEEDED);
     EXPECT(conc_now() - t0 >= 10 * CONC_MILLISECOND);
     conc_ctx_release(c);
