@@ -649,10 +649,15 @@ static void conc__wake_list(conc__waiter *w) {
     }
 }
 
-/* Spinning: at most ncpu-1 threads spin at once, so a spinner never keeps the thread it
-   waits for off a core; each thread adapts its budget (doubling after a spin that paid,
-   halving after one that did not). Under Valgrind threads run one at a time: no spin. */
-static _Atomic int conc__spinners;
+/* Spinning. A hand-off between threads running on two vCPUs takes well under a
+   microsecond; a sleep costs the waker ~13 us. So a blocked call first spins with `pause`
+   for about CONC__SPIN_PAUSES iterations, then keeps checking between sched_yield()s
+   until its budget runs out, then sleeps. The yield phase hands the CPU to any runnable
+   thread - the peer it waits for, if both share a vCPU, or anyone else when threads
+   outnumber cores - so spinning never keeps a runnable thread off a core for more than
+   the short pause phase. Each thread adapts its budget: doubled after a spin that paid,
+   halved after one that did not. Under Valgrind threads run one at a time: no spin. */
+#define CONC__SPIN_PAUSES 128
 static _Thread_local int64_t conc__spin_budget = CONC_SPIN_NS;
 static _Atomic int64_t conc__pause_ns_x16; /* calibrated cost of one pause, x16 */
 
@@ -668,40 +673,38 @@ static int64_t conc__pause_cost_x16(void) {
     return c;
 }
 
+static bool conc__sel_is_done(conc__sel *s) {
+    return atomic_load_explicit(&s->park, CONC__ACQUIRE) == CONC__PARK_DONE;
+}
+
 /* Blocks until the sel is DONE. Returns about how long it waited, in ns (for statistics:
-   short spins are estimated from the spin count rather than read from the clock, which
-   costs more than the hand-off itself). */
+   a wait that ends in the pause phase is estimated from its count, as a clock read costs
+   more than such a hand-off). */
 static int64_t conc__sel_park(conc__sel *s) {
     int64_t waited = 0, t0 = 0;
-    if (atomic_load_explicit(&s->park, CONC__ACQUIRE) == CONC__PARK_DONE) goto done;
+    if (conc__sel_is_done(s)) goto done;
 #if CONC_SPIN_NS > 0
     if (conc__ncpu() > 1 && !CONC__ON_VALGRIND()) {
-        CONC__UNCHECKED(&conc__spinners);
-        int spinning = atomic_fetch_add_explicit(&conc__spinners, 1, CONC__RELAXED);
-        if (spinning < conc__ncpu() - 1) {
-            int64_t budget = conc__spin_budget;
-            int64_t per16 = conc__pause_cost_x16();
-            long i = 0;
-            bool got = false;
-            for (;;) {
-                if (atomic_load_explicit(&s->park, CONC__ACQUIRE) == CONC__PARK_DONE) { got = true; break; }
-                CONC__PAUSE();
-                if ((++i & 63) == 0) {
-                    int64_t now = conc_now();
-                    if (t0 == 0) t0 = now - (64 * per16) / 16;
-                    if (now - t0 >= budget) break;
-                }
-            }
-            atomic_fetch_sub_explicit(&conc__spinners, 1, CONC__RELAXED);
-            if (got) {
-                if (budget < CONC_SPIN_NS) conc__spin_budget = budget * 2 < CONC_SPIN_NS ? budget * 2 : CONC_SPIN_NS;
-                waited = t0 ? conc_now() - t0 : (i * per16) / 16;
+        int64_t per16 = conc__pause_cost_x16();
+        for (int i = 0; i < CONC__SPIN_PAUSES; i++) {
+            if (conc__sel_is_done(s)) {
+                waited = (i * per16) / 16;
                 goto done;
             }
-            if (budget > 1000) conc__spin_budget = budget / 2;
-        } else {
-            atomic_fetch_sub_explicit(&conc__spinners, 1, CONC__RELAXED);
+            CONC__PAUSE();
         }
+        int64_t budget = conc__spin_budget, now = conc_now();
+        t0 = now - (CONC__SPIN_PAUSES * per16) / 16;
+        while (now - t0 < budget) {
+            sched_yield();
+            now = conc_now();
+            if (conc__sel_is_done(s)) {
+                if (budget < CONC_SPIN_NS) conc__spin_budget = budget * 2 < CONC_SPIN_NS ? budget * 2 : CONC_SPIN_NS;
+                waited = now - t0;
+                goto done;
+            }
+        }
+        if (budget > 2000) conc__spin_budget = budget / 2;
     }
 #endif
     if (t0 == 0) t0 = conc_now();
@@ -1445,37 +1448,43 @@ static int conc__recv_locked(conc_chan_t *ch, void *elem, conc__waiter **wake) {
 
 /* ch->mu held on entry, released on return. Queues the caller and parks it. */
 static int conc__chan_block(conc_chan_t *ch, bool is_send, void *elem, conc_ctx_t *ctx) {
-    conc__sel s;
-    conc__waiter w, cw;
+    /* the waiter and the hot words of its sel share one cache line: the peer that
+       completes this call touches just that line (and the element) */
+    struct {
+        _Alignas(64) conc__waiter w;
+        conc__sel s;
+    } op;
+    conc__waiter cw;
+    conc__wq *q = is_send ? &ch->sendq : &ch->recvq;
     bool reg = conc__ctx_can_end(ctx);
-    conc__sel_init(&s);
+    conc__sel_init(&op.s);
     if (reg) {
-        int e = conc__ctx_register(ctx, &cw, &s, CONC__OWN_CTX);
+        int e = conc__ctx_register(ctx, &cw, &op.s, CONC__OWN_CTX);
         if (e) {
             CONC__UNLOCK(&ch->mu);
-            conc__sel_fini(&s);
+            conc__sel_fini(&op.s);
             return e;
         }
     }
-    w.sel = &s;
-    w.elem = elem;
-    w.case_index = 0;
-    conc__wq_push(is_send ? &ch->sendq : &ch->recvq, &w);
+    op.w.sel = &op.s;
+    op.w.elem = elem;
+    op.w.case_index = 0;
+    conc__wq_push(q, &op.w);
     if (is_send) ch->blocked_sends++;
     else ch->blocked_recvs++;
     CONC__UNLOCK(&ch->mu);
 
-    int64_t waited = conc__sel_park(&s);
-    if (atomic_load_explicit(&s.fired, CONC__RELAXED) == CONC__OWN_CTX) {
+    int64_t waited = conc__sel_park(&op.s);
+    if (atomic_load_explicit(&op.s.fired, CONC__RELAXED) == CONC__OWN_CTX) {
         CONC__LOCK(&ch->mu);
-        if (w.queued) conc__wq_remove(is_send ? &ch->sendq : &ch->recvq, &w);
+        if (op.w.queued) conc__wq_remove(q, &op.w);
         CONC__UNLOCK(&ch->mu);
     } else if (reg) {
         conc__ctx_unregister(ctx, &cw);
     }
     atomic_fetch_add_explicit(is_send ? &ch->send_wait_ns : &ch->recv_wait_ns, waited, CONC__RELAXED);
-    conc__sel_fini(&s);
-    return s.status;
+    conc__sel_fini(&op.s);
+    return op.s.status;
 }
 
 static int conc__chan_send(conc_chan_t *ch, const void *elem, conc_ctx_t *ctx, bool block) {
