@@ -9,6 +9,7 @@
 
 #include <pthread.h>
 #include <time.h>
+#include <unistd.h>
 
 /* ---- helpers ---- */
 
@@ -780,6 +781,92 @@ TEST(after_func_stop_before_end) {
     conc_chan_free(s.done);
 }
 
+/* An after-func may use the context API itself: it runs after conc has let go of its
+   locks. It sees its context ended, can register more (they run at once), derive from it,
+   and cancel other contexts. */
+struct reentrant {
+    conc_ctx_t *ctx, *sibling;
+    int err_seen, child_err, inner_calls;
+    bool inner_stop;
+};
+
+static void reentrant_inner(void *arg) { ((struct reentrant *)arg)->inner_calls++; }
+
+static void reentrant_fn(void *arg) {
+    struct reentrant *r = arg;
+    r->err_seen = conc_ctx_err(r->ctx);
+    conc_after_func_t *h = conc_ctx_after_func(r->ctx, reentrant_inner, r);
+    r->inner_stop = h ? conc_after_func_stop(h) : true;
+    conc_ctx_t *k = conc_ctx_with_timeout(r->ctx, 3600 * CONC_SECOND);
+    r->child_err = k ? conc_ctx_err(k) : -100;
+    conc_ctx_release(k);
+    conc_ctx_cancel_cause(r->sibling, 6);
+}
+
+TEST(after_func_may_call_into_conc) {
+    conc_ctx_t *root = conc_ctx_with_cancel(NULL);
+    ASSERT(root != NULL);
+    struct reentrant r = {conc_ctx_with_cancel(root), conc_ctx_with_cancel(root), 0, 0, 0, true};
+    ASSERT(r.ctx && r.sibling);
+    conc_after_func_t *h = conc_ctx_after_func(r.ctx, reentrant_fn, &r);
+    ASSERT(h != NULL);
+    conc_ctx_cancel(r.ctx);
+    EXPECT_EQ(r.err_seen, CONC_CANCELED);
+    EXPECT_EQ(r.inner_calls, 1);
+    EXPECT(!r.inner_stop);
+    EXPECT_EQ(r.child_err, CONC_CANCELED);
+    EXPECT_EQ(conc_ctx_cause(r.sibling), 6);
+    EXPECT_EQ(conc_ctx_err(root), 0);
+    EXPECT(!conc_after_func_stop(h));
+    conc_ctx_release(r.sibling);
+    conc_ctx_release(r.ctx);
+    conc_ctx_release(root);
+}
+
+/* Go runs an AfterFunc in its own goroutine, so it may block; here a deadline's
+   after-func runs on conc's timer thread. One that sleeps (or waits on anything that
+   needs a timer) must still complete. A watchdog on plain pthreads tells a hang from a
+   pass, since every conc timeout would hang with the timer thread. */
+static pthread_mutex_t wd_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wd_cv = PTHREAD_COND_INITIALIZER;
+static int wd_done, wd_sleep_rc = -100;
+
+static void sleepy_fn(void *arg) {
+    (void)arg;
+    int rc = conc_sleep(CONC_MILLISECOND, NULL);
+    pthread_mutex_lock(&wd_mu);
+    wd_sleep_rc = rc;
+    wd_done = 1;
+    pthread_cond_signal(&wd_cv);
+    pthread_mutex_unlock(&wd_mu);
+}
+
+TEST(deadline_after_func_may_block_on_timers) {
+    conc_ctx_t *c = conc_ctx_with_timeout(NULL, 5 * CONC_MILLISECOND);
+    ASSERT(c != NULL);
+    conc_after_func_t *h = conc_ctx_after_func(c, sleepy_fn, NULL);
+    ASSERT(h != NULL);
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += 10;
+    pthread_mutex_lock(&wd_mu);
+    while (!wd_done && pthread_cond_timedwait(&wd_cv, &wd_mu, &until) == 0) {
+    }
+    int done = wd_done, rc = wd_sleep_rc;
+    pthread_mutex_unlock(&wd_mu);
+    if (!done) {
+        /* The timer thread is stuck in sleepy_fn: exit handlers would wait for it. */
+        printf("not ok - deadline_after_func_may_block_on_timers: conc_sleep inside a "
+               "deadline's after-func never returned (timer thread deadlocked)\n");
+        printf("Bail out!\n");
+        fflush(stdout);
+        _exit(1);
+    }
+    EXPECT_EQ(rc, 0);
+    EXPECT(!conc_after_func_stop(h));
+    conc_ctx_release(c);
+}
+
 /* ---- blocked channel calls woken by an ancestor ---- */
 
 struct blocked {
@@ -930,10 +1017,12 @@ int main(void) {
     RUN(after_func_on_parent_cancel);
     RUN(after_func_on_ended_ctx_runs_at_once);
     RUN(after_func_stop_before_end);
+    RUN(after_func_may_call_into_conc);
     RUN(recv_woken_by_ancestor_cancel);
     RUN(select_woken_by_ancestor_cancel);
     RUN(select_done_case_fires_on_ancestor_cancel);
     RUN(send_woken_by_ancestor_cancel);
     RUN(recv_and_select_end_on_deadline);
+    RUN(deadline_after_func_may_block_on_timers); /* last: on failure it ends the run */
     return tap_done();
 }
