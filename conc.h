@@ -75,8 +75,9 @@ CONTEXTS  (>>ctx)
    - conc_ctx_background() is a static context that is never cancelled; releasing it does
      nothing.
    - conc_ctx_after_func(ctx, fn, arg) runs fn(arg) once when ctx ends: on the thread that
-     ends it (for a deadline, conc's timer thread) after conc has let go of its locks, or at
-     once on the calling thread if ctx has already ended. conc_after_func_stop() prevents the
+     cancels it, after conc has let go of its locks; when a deadline ends it, on conc's
+     runner thread (never on the timer thread, so fn may itself sleep or wait on timers);
+     at once on the calling thread if ctx has already ended. conc_after_func_stop() prevents the
      call if it has not started, returns whether it did, and frees the handle: call it
      exactly once per handle.
 
@@ -126,8 +127,9 @@ TIMERS  (>>timer)
    value after d, or one per period; a tick that finds the buffer full is dropped (Go's
    Ticker). conc_timer_stop and conc_timer_reset leave no stale value in the channel (Go 1.23
    semantics). conc_sleep(d, ctx) sleeps unless ctx ends first.
-   All timers, deadlines and after-funcs share one internal thread, started on first use and
-   ended (and joined) when idle for a while and at exit, so leak checkers see nothing.
+   All timers, tickers, sleeps and deadlines share one internal thread; after-funcs of
+   contexts that reach their deadline run on a second one. Each starts on first use, ends
+   after a second without work and is joined at exit, so leak checkers see nothing.
 
 THREAD SAFETY AND BLOCKING
 
@@ -372,8 +374,9 @@ CONC_API int conc_sleep(int64_t duration_ns, conc_ctx_t *ctx);
    conc_timer_after(d)        One value after d ns. Returns NULL when out of memory.
    conc_timer_tick(p)         A value every p ns (p > 0, else NULL).
    conc_timer_chan(t)         The timer's channel (capacity 1, int64_t elements).
-   conc_timer_stop(t)         Returns: true if the timer was active (a value was still to
-                              come). Afterwards no value is buffered or will come.
+   conc_timer_stop(t)         Returns: true if the timer was active: a value was still to
+                              come, or sat unreceived in the channel (Go 1.23). Afterwards
+                              no value is buffered or will come.
    conc_timer_reset(t, d)     Restarts t to fire after d (then every d for a ticker),
                               dropping any buffered value. Returns as stop.
    conc_timer_free(t)         Stops and frees t. NULL is a no-op.
@@ -753,36 +756,57 @@ typedef struct conc__tentry {
     bool fire_unlocked;                                /* fire without timers.mu */
 } conc__tentry;
 
+/* A call deferred to the runner thread (after-funcs of contexts that reached their
+   deadline: user code must not hold up the timer thread, which it may itself need). */
+typedef struct conc__deferred {
+    struct conc__deferred *next;                /* (timers.mu) while queued */
+    void (*run)(struct conc__deferred *d, bool really); /* really=false: discard at exit */
+} conc__deferred;
+
+/* conc's own threads: started on demand, leave when idle, joined by the next start or at
+   exit. Each blocks every signal. */
 enum { CONC__TT_NONE, CONC__TT_RUNNING, CONC__TT_EXITED };
+typedef struct conc__svc {
+    pthread_t thread; /* (timers.mu) valid unless state == CONC__TT_NONE */
+    int state;        /* (timers.mu) CONC__TT_* */
+} conc__svc;
 
 static struct {
     pthread_mutex_t mu;
-    pthread_cond_t cv;     /* CLOCK_MONOTONIC; signalled when the earliest entry changes */
-    conc__tentry **heap;   /* (mu) */
-    size_t n, cap;         /* (mu) */
-    pthread_t thread;      /* (mu) valid unless state == CONC__TT_NONE */
-    int state;             /* (mu) CONC__TT_* */
-    bool stopping;         /* (mu) set at exit: no thread starts any more */
-} conc__timers = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0, 0, CONC__TT_NONE, false};
+    pthread_cond_t cv;         /* CLOCK_MONOTONIC; signalled when the earliest entry changes */
+    pthread_cond_t runner_cv;  /* CLOCK_MONOTONIC; signalled when a call is deferred */
+    conc__tentry **heap;       /* (mu) */
+    size_t n, cap;             /* (mu) */
+    conc__deferred *dq_head, *dq_tail; /* (mu) FIFO of deferred calls */
+    conc__svc timer, runner;   /* (mu) */
+    bool stopping;             /* (mu) set at exit: no thread starts any more */
+} conc__timers = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, 0, 0,
+                  NULL, NULL, {0}, {0}, false};
 static pthread_once_t conc__timers_once = PTHREAD_ONCE_INIT;
 
-static void conc__timer_atexit(void) {
+static void conc__svc_join(conc__svc *svc) {
     pthread_t t;
     int state;
     CONC__LOCK(&conc__timers.mu);
-    {
-        conc__timers.stopping = true;
-        pthread_cond_signal(&conc__timers.cv);
-        t = conc__timers.thread;
-        state = conc__timers.state;
-    }
+    t = svc->thread;
+    state = svc->state;
     CONC__UNLOCK(&conc__timers.mu);
-    if (state != CONC__TT_NONE && !pthread_equal(t, pthread_self())) {
-        pthread_join(t, NULL);
-        CONC__LOCK(&conc__timers.mu);
-        conc__timers.state = CONC__TT_NONE;
-        CONC__UNLOCK(&conc__timers.mu);
-    }
+    if (state == CONC__TT_NONE || pthread_equal(t, pthread_self())) return; /* exit() from our own thread */
+    pthread_join(t, NULL);
+    CONC__LOCK(&conc__timers.mu);
+    svc->state = CONC__TT_NONE;
+    CONC__UNLOCK(&conc__timers.mu);
+}
+
+static void conc__timer_atexit(void) {
+    CONC__LOCK(&conc__timers.mu);
+    conc__timers.stopping = true;
+    pthread_cond_signal(&conc__timers.cv);
+    pthread_cond_signal(&conc__timers.runner_cv);
+    CONC__UNLOCK(&conc__timers.mu);
+    conc__svc_join(&conc__timers.timer);
+    conc__svc_join(&conc__timers.runner);
+    conc__deferred *d;
     CONC__LOCK(&conc__timers.mu);
     {
         /* entries still pending at exit never fire; only the array is ours */
@@ -790,8 +814,15 @@ static void conc__timer_atexit(void) {
         CONC_FREE(conc__timers.heap);
         conc__timers.heap = NULL;
         conc__timers.n = conc__timers.cap = 0;
+        d = conc__timers.dq_head;
+        conc__timers.dq_head = conc__timers.dq_tail = NULL;
     }
     CONC__UNLOCK(&conc__timers.mu);
+    while (d) { /* like goroutines at exit, deferred calls that have not started never do */
+        conc__deferred *next = d->next;
+        d->run(d, false);
+        d = next;
+    }
 }
 
 static void conc__timers_init(void) {
@@ -799,8 +830,27 @@ static void conc__timers_init(void) {
     pthread_condattr_init(&a);
     pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
     pthread_cond_init(&conc__timers.cv, &a);
+    pthread_cond_init(&conc__timers.runner_cv, &a);
     pthread_condattr_destroy(&a);
     atexit(conc__timer_atexit);
+}
+
+/* timers.mu held. Starts svc's thread if it has none; joins one that left while idle. */
+static int conc__svc_ensure(conc__svc *svc, void *(*main_fn)(void *)) {
+    if (svc->state == CONC__TT_RUNNING || conc__timers.stopping) return 0;
+    if (svc->state == CONC__TT_EXITED) {
+        pthread_join(svc->thread, NULL); /* it no longer takes the lock we hold */
+        svc->state = CONC__TT_NONE;
+    }
+    /* conc's threads never take signals: applications can sigwait in a thread of theirs */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(&svc->thread, NULL, main_fn, NULL);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) return CONC_SYSTEM;
+    svc->state = CONC__TT_RUNNING;
+    return 0;
 }
 
 static void conc__heap_set(size_t i, conc__tentry *e) {
@@ -844,14 +894,24 @@ static void conc__heap_remove(conc__tentry *e) {
     else conc__heap_down(i);
 }
 
+/* timers.mu held; returns with it held. Waits up to the idle time for work; false once
+   the thread should leave. */
+static bool conc__svc_idle_wait(pthread_cond_t *cv, bool (*has_work)(void)) {
+    struct timespec ts = conc__timespec(conc_now() + CONC__TIMER_IDLE_NS);
+    while (!conc__timers.stopping && !has_work())
+        if (pthread_cond_timedwait(cv, &conc__timers.mu, &ts) == ETIMEDOUT) return has_work() && !conc__timers.stopping;
+    return !conc__timers.stopping;
+}
+
+static bool conc__heap_has_work(void) { return conc__timers.n > 0; }
+static bool conc__dq_has_work(void) { return conc__timers.dq_head != NULL; }
+
 static void *conc__timer_main(void *arg) {
     (void)arg;
     CONC__LOCK(&conc__timers.mu);
     while (!conc__timers.stopping) {
         if (conc__timers.n == 0) {
-            struct timespec ts = conc__timespec(conc_now() + CONC__TIMER_IDLE_NS);
-            int rc = pthread_cond_timedwait(&conc__timers.cv, &conc__timers.mu, &ts);
-            if (rc == ETIMEDOUT && conc__timers.n == 0) break; /* idle: leave, be joined later */
+            if (!conc__svc_idle_wait(&conc__timers.cv, conc__heap_has_work)) break;
             continue;
         }
         conc__tentry *e = conc__timers.heap[0];
@@ -870,27 +930,49 @@ static void *conc__timer_main(void *arg) {
             e->fire(e, now);
         }
     }
-    conc__timers.state = CONC__TT_EXITED;
+    conc__timers.timer.state = CONC__TT_EXITED;
     CONC__UNLOCK(&conc__timers.mu);
     return NULL;
 }
 
-/* timers.mu held. Starts the thread if there is none; joins one that left while idle. */
-static int conc__timer_thread_ensure(void) {
-    if (conc__timers.state == CONC__TT_RUNNING || conc__timers.stopping) return 0;
-    if (conc__timers.state == CONC__TT_EXITED) {
-        pthread_join(conc__timers.thread, NULL); /* it no longer takes the lock we hold */
-        conc__timers.state = CONC__TT_NONE;
+static void *conc__runner_main(void *arg) {
+    (void)arg;
+    CONC__LOCK(&conc__timers.mu);
+    while (conc__svc_idle_wait(&conc__timers.runner_cv, conc__dq_has_work)) {
+        conc__deferred *d = conc__timers.dq_head;
+        conc__timers.dq_head = d->next;
+        if (!d->next) conc__timers.dq_tail = NULL;
+        CONC__UNLOCK(&conc__timers.mu);
+        d->run(d, true);
+        CONC__LOCK(&conc__timers.mu);
     }
-    /* conc's threads never take signals: applications can sigwait in a thread of theirs */
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    int rc = pthread_create(&conc__timers.thread, NULL, conc__timer_main, NULL);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (rc != 0) return CONC_SYSTEM;
-    conc__timers.state = CONC__TT_RUNNING;
-    return 0;
+    conc__timers.runner.state = CONC__TT_EXITED;
+    CONC__UNLOCK(&conc__timers.mu);
+    return NULL;
+}
+
+/* Queues a list of deferred calls (linked through next) for the runner thread; runs them
+   here if no thread can be started. */
+static void conc__defer(conc__deferred *list) {
+    if (!list) return;
+    pthread_once(&conc__timers_once, conc__timers_init);
+    conc__deferred *last = list;
+    while (last->next) last = last->next;
+    CONC__LOCK(&conc__timers.mu);
+    int rc = conc__svc_ensure(&conc__timers.runner, conc__runner_main);
+    if (rc == 0 && !conc__timers.stopping) {
+        if (conc__timers.dq_tail) conc__timers.dq_tail->next = list;
+        else conc__timers.dq_head = list;
+        conc__timers.dq_tail = last;
+        pthread_cond_signal(&conc__timers.runner_cv);
+        list = NULL;
+    }
+    CONC__UNLOCK(&conc__timers.mu);
+    while (list) {
+        conc__deferred *next = list->next;
+        list->run(list, true);
+        list = next;
+    }
 }
 
 /* timers.mu held. */
@@ -904,7 +986,7 @@ static int conc__timer_add_locked(conc__tentry *e) {
         conc__timers.heap = h;
         conc__timers.cap = cap;
     }
-    int rc = conc__timer_thread_ensure();
+    int rc = conc__svc_ensure(&conc__timers.timer, conc__timer_main);
     if (rc != 0) return rc;
     conc__heap_set(conc__timers.n++, e);
     conc__heap_up(e->idx);
@@ -963,6 +1045,7 @@ struct conc_after_func {
     int state;                      /* (ctx->mu) CONC__AF_* */
     bool linked;                    /* (ctx->mu) in ctx->afs */
     _Atomic int refs;               /* the handle; a pending run */
+    conc__deferred deferred;        /* when a deadline ended ctx: run on the runner thread */
 };
 enum { CONC__AF_PENDING, CONC__AF_STARTED, CONC__AF_STOPPED };
 
@@ -1035,9 +1118,16 @@ static void conc__af_unref(conc_after_func_t *af) {
     CONC_FREE(af);
 }
 
+static void conc__af_run_deferred(conc__deferred *d, bool really) {
+    conc_after_func_t *af = (conc_after_func_t *)(void *)((char *)d - offsetof(conc_after_func_t, deferred));
+    if (really) af->fn(af->arg);
+    conc__af_unref(af);
+}
+
 /* Ends c and every descendant with err/cause. Iterative: a walk over a chain of any depth
-   uses no stack. Waiters are woken and after-funcs run once every lock is released. */
-static void conc__ctx_end(conc_ctx_t *c, int err, int cause) {
+   uses no stack. Waiters are woken and after-funcs run once every lock is released: here,
+   or on the runner thread if `defer_funcs` (the timer thread must not run user code). */
+static void conc__ctx_end(conc_ctx_t *c, int err, int cause, bool defer_funcs) {
     conc__waiter *wake = NULL;
     conc_after_func_t *run = NULL;
     conc_ctx_t *work = NULL, *x = c;
@@ -1083,6 +1173,16 @@ static void conc__ctx_end(conc_ctx_t *c, int err, int cause) {
         if (x) work = x->work_next;
     }
     conc__wake_list(wake);
+    if (defer_funcs) {
+        conc__deferred *list = NULL;
+        for (; run; run = run->next) {
+            run->deferred.run = conc__af_run_deferred;
+            run->deferred.next = list;
+            list = &run->deferred;
+        }
+        conc__defer(list);
+        return;
+    }
     while (run) {
         conc_after_func_t *next = run->next;
         run->fn(run->arg);
@@ -1094,7 +1194,7 @@ static void conc__ctx_end(conc_ctx_t *c, int err, int cause) {
 static void conc__ctx_deadline_fire(conc__tentry *e, int64_t now) {
     conc_ctx_t *c = (conc_ctx_t *)(void *)((char *)e - offsetof(conc_ctx_t, timer));
     (void)now;
-    conc__ctx_end(c, CONC_DEADLINE_EXCEEDED, CONC_DEADLINE_EXCEEDED);
+    conc__ctx_end(c, CONC_DEADLINE_EXCEEDED, CONC_DEADLINE_EXCEEDED, true);
     conc__ctx_unref(c); /* the entry's ref */
 }
 
@@ -1141,7 +1241,7 @@ static conc_ctx_t *conc__ctx_new(conc_ctx_t *parent, int kind, int64_t deadline,
     }
     if (c->has_timer && atomic_load_explicit(&c->err, CONC__ACQUIRE) == 0) {
         if (deadline <= conc_now()) {
-            conc__ctx_end(c, CONC_DEADLINE_EXCEEDED, CONC_DEADLINE_EXCEEDED);
+            conc__ctx_end(c, CONC_DEADLINE_EXCEEDED, CONC_DEADLINE_EXCEEDED, false);
         } else {
             conc__ctx_ref(c); /* the entry's */
             if (conc__timer_add(&c->timer) != 0) {
@@ -1179,7 +1279,7 @@ CONC_API conc_ctx_t *conc_ctx_with_value(conc_ctx_t *parent, const void *key, vo
 CONC_API void conc_ctx_cancel_cause(conc_ctx_t *ctx, int cause) {
     if (!ctx || ctx->kind != CONC__CTX_CANCEL) return;
     if (atomic_load_explicit(&ctx->err, CONC__ACQUIRE) != 0) return;
-    conc__ctx_end(ctx, CONC_CANCELED, cause ? cause : CONC_CANCELED);
+    conc__ctx_end(ctx, CONC_CANCELED, cause ? cause : CONC_CANCELED, false);
 }
 
 CONC_API void conc_ctx_cancel(conc_ctx_t *ctx) { conc_ctx_cancel_cause(ctx, 0); }
@@ -1803,7 +1903,8 @@ CONC_API conc_chan_t *conc_timer_chan(conc_timer_t *t) { return t ? t->ch : NULL
 static bool conc__timer_stop_locked(conc_timer_t *t) {
     bool active = t->e.idx != CONC__NOT_IN_HEAP;
     if (active) conc__heap_remove(&t->e);
-    (void)conc_chan_try_recv(t->ch, NULL);
+    /* Go 1.23: a value not yet received means the timer had not yet fired for its user */
+    if (conc_chan_try_recv(t->ch, NULL) == 0) active = true;
     return active;
 }
 
