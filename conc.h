@@ -546,20 +546,26 @@ static int conc__ncpu(void) {
    - A claimed call cannot return before it is woken, so the claimer may touch the waiter
      after it has dropped the queue's lock, up to the wake.
    - Parking: park goes WAITING -> DONE (the waker's CAS, while the owner spins) or
-     WAITING -> SLEEPING (the owner, under sel.mu) -> DONE (the waker, under sel.mu, with a
-     signal). sel.mu and sel.cv exist only while the owner sleeps; the waker touches them
-     only if it saw SLEEPING, and then the owner cannot leave before the waker unlocks. */
+     WAITING -> SLEEPING (the owner, under its thread's parker mutex) -> DONE (the waker,
+     under that mutex, with a signal). The waker touches the parker only if it saw
+     SLEEPING, and then the owner cannot leave before the waker unlocks. */
 
 #define CONC__UNFIRED INT_MIN
 #define CONC__OWN_CTX (-1)
 enum { CONC__PARK_WAITING = 0, CONC__PARK_SLEEPING = 1, CONC__PARK_DONE = 2 };
 
-typedef struct conc__sel {
-    _Atomic int fired; /* CONC__UNFIRED, then the index of the completing case (CAS) */
-    int status;        /* written by the claimer before the wake */
-    _Atomic int park;  /* CONC__PARK_*: see above */
-    pthread_mutex_t mu; /* only while SLEEPING */
+/* Each thread sleeps on its own mutex and condition variable, made once, never freed. */
+typedef struct conc__parker {
+    pthread_mutex_t mu;
     pthread_cond_t cv;
+} conc__parker;
+static _Thread_local conc__parker conc__self_parker = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+typedef struct conc__sel {
+    _Atomic int fired;     /* CONC__UNFIRED, then the index of the completing case (CAS) */
+    int status;            /* written by the claimer before the wake */
+    _Atomic int park;      /* CONC__PARK_*: see above */
+    conc__parker *parker;  /* the owner's; set before park becomes SLEEPING */
 } conc__sel;
 
 typedef struct conc__waiter {
@@ -627,12 +633,14 @@ static void conc__sel_wake(conc__sel *s) {
     CONC__HB_BEFORE(s);
     if (atomic_compare_exchange_strong_explicit(&s->park, &expect, CONC__PARK_DONE, CONC__RELEASE, CONC__ACQUIRE)) return;
     CONC_ASSERT(expect == CONC__PARK_SLEEPING);
-    CONC__LOCK(&s->mu);
+    CONC__HB_AFTER(&s->parker);
+    conc__parker *p = s->parker;
+    CONC__LOCK(&p->mu);
     {
         atomic_store_explicit(&s->park, CONC__PARK_DONE, CONC__RELEASE);
-        pthread_cond_signal(&s->cv);
+        pthread_cond_signal(&p->cv);
     }
-    CONC__UNLOCK(&s->mu);
+    CONC__UNLOCK(&p->mu);
 }
 
 /* The owner completes its own call (its timer fired, or a context it waits on had already
@@ -711,18 +719,17 @@ static int64_t conc__sel_park(conc__sel *s) {
     }
 #endif
     if (t0 == 0) t0 = conc_now();
-    pthread_mutex_init(&s->mu, NULL);
-    pthread_cond_init(&s->cv, NULL);
-    CONC__LOCK(&s->mu);
+    conc__parker *p = &conc__self_parker;
+    s->parker = p;
+    CONC__HB_BEFORE(&s->parker); /* published by the CAS to SLEEPING */
+    CONC__LOCK(&p->mu);
     {
         int expect = CONC__PARK_WAITING;
         if (atomic_compare_exchange_strong_explicit(&s->park, &expect, CONC__PARK_SLEEPING, CONC__ACQ_REL, CONC__ACQUIRE)) {
-            while (atomic_load_explicit(&s->park, CONC__ACQUIRE) != CONC__PARK_DONE) pthread_cond_wait(&s->cv, &s->mu);
+            while (atomic_load_explicit(&s->park, CONC__ACQUIRE) != CONC__PARK_DONE) pthread_cond_wait(&p->cv, &p->mu);
         }
     }
-    CONC__UNLOCK(&s->mu);
-    pthread_cond_destroy(&s->cv);
-    pthread_mutex_destroy(&s->mu);
+    CONC__UNLOCK(&p->mu);
     waited = conc_now() - t0;
 done:
     CONC__HB_AFTER(s);
