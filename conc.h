@@ -695,7 +695,7 @@ static int64_t conc__sel_park(conc__sel *s) {
     int64_t waited = 0, t0 = 0;
     if (conc__sel_is_done(s)) goto done;
 #if CONC_SPIN_NS > 0
-    if (conc__ncpu() > 1 && !CONC__ON_VALGRIND()) {
+    if (!CONC__ON_VALGRIND() && conc__ncpu() > 1) {
         int64_t per16 = conc__pause_cost_x16();
         for (int i = 0; i < CONC__SPIN_PAUSES; i++) {
             if (conc__sel_is_done(s)) {
