@@ -1039,8 +1039,11 @@ static bool conc__timer_remove(conc__tentry *e) {
      for a pending deadline entry, one per after-func handle, and one per cancellation walk
      that is processing the node. Walks take theirs only if refs is not already 0
      (a node at 0 is being freed and is just unlinked).
-   Lock order: parent.mu before child.mu is never needed: a walk holds one node's mu at a
-   time. Channel locks -> ctx.mu (a blocked call registers while holding its channels). */
+   - Once err is set no kid is linked any more; the kids linked before are ended and
+     detached by the walk that set it.
+   Lock order: parent.mu -> child.mu (the cancel walk ends each kid under its parent's lock;
+   nothing takes a parent's lock while holding a child's). Channel locks -> ctx.mu (a
+   blocked call registers while holding its channels). */
 
 enum { CONC__CTX_BACKGROUND, CONC__CTX_CANCEL, CONC__CTX_VALUE };
 
@@ -1125,6 +1128,55 @@ static void conc__af_unref(conc_after_func_t *af) {
     CONC_FREE(af);
 }
 
+/* x->mu held. Ends x itself, if it is live: collects its waiters (claimed, to wake) and
+   its after-funcs (to run). Its kids are the walk's business. */
+static void conc__ctx_end_node(conc_ctx_t *x, int err, int cause, conc__waiter **wake, conc_after_func_t **run) {
+    conc__waiter *w;
+    if (atomic_load_explicit(&x->err, CONC__RELAXED) != 0) return;
+    x->cause = cause;
+    CONC__HB_BEFORE(&x->err);
+    atomic_store_explicit(&x->err, err, CONC__RELEASE);
+    while ((w = x->waiters.head) != NULL) {
+        conc__wq_remove(&x->waiters, w);
+        if (conc__sel_claim(w->sel, w->case_index)) {
+            w->sel->status = err;
+            w->next = *wake;
+            *wake = w;
+        }
+    }
+    for (conc_after_func_t *af = x->afs, *next; af; af = next) {
+        next = af->next;
+        af->state = CONC__AF_STARTED;
+        af->linked = false;
+        af->next = *run;
+        *run = af;
+    }
+    x->afs = NULL;
+}
+
+/* x->mu held, x ended. Ends each kid under its own lock (parent before child is the one
+   nesting the tree allows); kids that have kids or a timer go on the work list with a
+   reference, the rest (the leaves) cost no atomic operation. */
+static void conc__ctx_end_kids(conc_ctx_t *x, int err, int cause, conc__waiter **wake, conc_after_func_t **run,
+                               conc_ctx_t **work) {
+    for (conc_ctx_t *k = x->kids, *next; k; k = next) {
+        next = k->sib_next;
+        k->linked = false;
+        k->sib_prev = k->sib_next = NULL;
+        CONC__LOCK(&k->mu);
+        {
+            conc__ctx_end_node(k, err, cause, wake, run);
+            /* refs == 0: k is being freed (its freer waits for x->mu); it has no kids */
+            if ((k->kids || k->has_timer) && conc__ctx_ref_unless_zero(k)) {
+                k->work_next = *work;
+                *work = k;
+            }
+        }
+        CONC__UNLOCK(&k->mu);
+    }
+    x->kids = NULL;
+}
+
 static void conc__af_run_deferred(conc__deferred *d, bool really) {
     conc_after_func_t *af = (conc_after_func_t *)(void *)((char *)d - offsetof(conc_after_func_t, deferred));
     if (really) af->fn(af->arg);
@@ -1137,47 +1189,24 @@ static void conc__af_run_deferred(conc__deferred *d, bool really) {
 static void conc__ctx_end(conc_ctx_t *c, int err, int cause, bool defer_funcs) {
     conc__waiter *wake = NULL;
     conc_after_func_t *run = NULL;
-    conc_ctx_t *work = NULL, *x = c;
-    conc__ctx_ref(c);
-    while (x) {
+    conc_ctx_t *work = NULL;
+    CONC__LOCK(&c->mu);
+    if (atomic_load_explicit(&c->err, CONC__RELAXED) != 0) { /* its ender has done the rest */
+        CONC__UNLOCK(&c->mu);
+        return;
+    }
+    conc__ctx_end_node(c, err, cause, &wake, &run);
+    conc__ctx_end_kids(c, err, cause, &wake, &run, &work);
+    CONC__UNLOCK(&c->mu);
+    if (c->has_timer && conc__timer_remove(&c->timer)) conc__ctx_unref(c); /* the entry's ref */
+    while (work) {
+        conc_ctx_t *x = work;
+        work = x->work_next;
         CONC__LOCK(&x->mu);
-        if (atomic_load_explicit(&x->err, CONC__RELAXED) == 0) {
-            x->cause = cause;
-            CONC__HB_BEFORE(&x->err);
-            atomic_store_explicit(&x->err, err, CONC__RELEASE);
-            conc__waiter *w;
-            while ((w = x->waiters.head) != NULL) {
-                conc__wq_remove(&x->waiters, w);
-                if (conc__sel_claim(w->sel, w->case_index)) {
-                    w->sel->status = err;
-                    w->next = wake;
-                    wake = w;
-                }
-            }
-            for (conc_ctx_t *k = x->kids, *next; k; k = next) {
-                next = k->sib_next;
-                k->linked = false;
-                k->sib_prev = k->sib_next = NULL;
-                if (conc__ctx_ref_unless_zero(k)) {
-                    k->work_next = work;
-                    work = k;
-                }
-            }
-            x->kids = NULL;
-            for (conc_after_func_t *af = x->afs, *next; af; af = next) {
-                next = af->next;
-                af->state = CONC__AF_STARTED;
-                af->linked = false;
-                af->next = run;
-                run = af;
-            }
-            x->afs = NULL;
-        }
+        conc__ctx_end_kids(x, err, cause, &wake, &run, &work);
         CONC__UNLOCK(&x->mu);
-        if (x->has_timer && conc__timer_remove(&x->timer)) conc__ctx_unref(x); /* the entry's ref */
-        conc__ctx_unref(x);                                                     /* the walk's ref */
-        x = work;
-        if (x) work = x->work_next;
+        if (x->has_timer && conc__timer_remove(&x->timer)) conc__ctx_unref(x);
+        conc__ctx_unref(x); /* the walk's ref */
     }
     conc__wake_list(wake);
     if (defer_funcs) {
