@@ -1741,7 +1741,7 @@ static void conc__select_unlock(conc_case *cases, const uint16_t *lockorder, siz
 }
 
 static int conc__select(conc_case *cases, size_t n, conc_ctx_t *ctx, bool block) {
-    uint16_t order_buf[CONC__SELECT_STACK], lock_buf[CONC__SELECT_STACK];
+    uint16_t order_buf[CONC__SELECT_STACK], lock_buf[CONC__SELECT_STACK] = {0}; /* {0}: gcc -O1 cannot see nlock bounds reads */
     conc__waiter wait_buf[CONC__SELECT_STACK];
     uint16_t *order = order_buf, *lockorder = lock_buf;
     conc__waiter *w = wait_buf;
