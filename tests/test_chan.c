@@ -8,6 +8,7 @@
 
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdint.h>
 #include <time.h>
 
@@ -802,6 +803,65 @@ TEST(blocked_senders_fifo) {
     EXPECT_EQ(conc_chan_free(ch), 0);
 }
 
+/* ---- signals ------------------------------------------------------------------------ */
+
+static void on_signal(int sig) { (void)sig; }
+
+/* PITFALLS 11: a signal delivered to a blocked thread (handler installed without
+   SA_RESTART, so interruptible calls see EINTR) neither fails the call nor loses the
+   wake-up that follows, and a deadline still holds. */
+TEST(signals_do_not_disturb_blocked_calls) {
+    struct sigaction sa, old;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0;
+    ASSERT(sigaction(SIGUSR1, &sa, &old) == 0);
+
+    conc_chan_t *ch = conc_chan_new(sizeof(long), 0);
+    ASSERT(ch != NULL);
+    op r;
+    op_start_blocked(&r, OP_RECV, ch, -1, NULL);
+    for (int i = 0; i < 50; i++) {
+        pthread_kill(r.th, SIGUSR1);
+        sched_yield();
+    }
+    EXPECT(!load_flag(&r.done));
+    long v = 5;
+    EXPECT_EQ(conc_chan_send(ch, &v, NULL), 0);
+    op_join(&r);
+    EXPECT_EQ(r.rc, 0);
+    EXPECT_EQ(r.val, 5);
+
+    /* A sender, and a timed receive, pelted with signals. */
+    op s;
+    op_start_blocked(&s, OP_SEND, ch, 6, NULL);
+    for (int i = 0; i < 50; i++) {
+        pthread_kill(s.th, SIGUSR1);
+        sched_yield();
+    }
+    EXPECT(!load_flag(&s.done));
+    EXPECT_EQ(conc_chan_recv(ch, &v, NULL), 0);
+    EXPECT_EQ(v, 6);
+    op_join(&s);
+    EXPECT_EQ(s.rc, 0);
+
+    int64_t t0 = conc_now();
+    conc_ctx_t *c = conc_ctx_with_timeout(NULL, 30 * CONC_MILLISECOND);
+    op_start_blocked(&r, OP_RECV, ch, -1, c);
+    while (!load_flag(&r.done)) {
+        pthread_kill(r.th, SIGUSR1);
+        sched_yield();
+        nap();
+    }
+    op_join(&r);
+    EXPECT_EQ(r.rc, CONC_DEADLINE_EXCEEDED);
+    EXPECT(conc_now() - t0 >= 30 * CONC_MILLISECOND);
+    conc_ctx_release(c);
+    EXPECT_EQ(conc_chan_free(ch), 0);
+    sigaction(SIGUSR1, &old, NULL);
+}
+
 /* ---- statistics --------------------------------------------------------------------- */
 
 TEST(stats) {
@@ -901,6 +961,7 @@ int main(void) {
     RUN(ready_operation_ignores_ended_ctx);
     RUN(blocked_receivers_fifo);
     RUN(blocked_senders_fifo);
+    RUN(signals_do_not_disturb_blocked_calls);
     RUN(stats);
     return tap_done();
 }

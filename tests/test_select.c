@@ -10,6 +10,7 @@
 
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdint.h>
 #include <time.h>
 
@@ -770,6 +771,37 @@ TEST(cancelled_select_then_channel_works) {
     EXPECT_EQ(conc_chan_free(ch), 0);
 }
 
+static void on_signal(int sig) { (void)sig; }
+
+TEST(signals_do_not_disturb_blocked_select) {
+    /* PITFALLS 11: signals (no SA_RESTART) hitting a parked select. */
+    struct sigaction sa, old;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    ASSERT(sigaction(SIGUSR1, &sa, &old) == 0);
+    conc_chan_t *c1 = conc_chan_new(sizeof(long), 0), *c2 = conc_chan_new(sizeof(long), 0);
+    ASSERT(c1 && c2);
+    long v = -1;
+    conc_case cs[] = {CONC_RECV(c1, &v), CONC_RECV(c2, &v)};
+    selop s;
+    selop_start(&s, cs, 2, NULL);
+    EXPECT(wait_blocked(c2, 0, 1)); /* a parked select counts as a waiting receive */
+    for (int i = 0; i < 50; i++) {
+        pthread_kill(s.th, SIGUSR1);
+        sched_yield();
+    }
+    long x = 8;
+    EXPECT_EQ(conc_chan_send(c2, &x, NULL), 0);
+    pthread_join(s.th, NULL);
+    EXPECT_EQ(s.rc, 1);
+    EXPECT_EQ(v, 8);
+    EXPECT_EQ(conc_chan_try_send(c1, &x), CONC_WOULD_BLOCK);
+    EXPECT_EQ(conc_chan_free(c1), 0);
+    EXPECT_EQ(conc_chan_free(c2), 0);
+    sigaction(SIGUSR1, &old, NULL);
+}
+
 /* ---- odd arguments ------------------------------------------------------------------ */
 
 TEST(zero_cases) {
@@ -873,6 +905,7 @@ int main(void) {
     RUN(two_selects_on_one_channel_pair);
     RUN(ctx_ends_while_blocked);
     RUN(cancelled_select_then_channel_works);
+    RUN(signals_do_not_disturb_blocked_select);
     RUN(zero_cases);
     RUN(bad_kind_is_invalid);
     RUN(many_cases);
