@@ -12,6 +12,11 @@
                        cancellation: the outcome it reports is the one that happened (PITFALLS
                        8).
    close_wakes_selects many selects parked on a channel that gets closed all wake (PITFALLS 3).
+   try_select_sees_one_moment
+                       a try_select never misses a case that was ready the whole time
+                       (PITFALLS 7).
+   select_lock_order   selects taking the same channels in every order, parking and meeting
+                       each other: no deadlock, no self-pairing, totals agree (PITFALLS 5).
 
    Loop counts scale with tap_iters(). Threads are released together with barriers, never
    ordered with sleeps. */
@@ -721,6 +726,171 @@ TEST(select_cancel_vs_peer) {
     }
 }
 
+/* ---- no smeared try_select ---------------------------------------------------------- */
+
+typedef struct mover {
+    pthread_t th;
+    conc_chan_t *a, *b;
+    conc_ctx_t *stop;
+    long moves;
+    int errs;
+} mover;
+
+/* Moves tokens between a and b one at a time, holding at most one. */
+static void *move_tokens(void *arg) {
+    mover *m = arg;
+    while (conc_ctx_err(m->stop) == 0) {
+        long t;
+        if (conc_chan_try_recv(m->a, &t) == 0) {
+            if (conc_chan_send(m->b, &t, NULL) != 0) m->errs++;
+            m->moves++;
+        } else if (conc_chan_try_recv(m->b, &t) == 0) {
+            if (conc_chan_send(m->a, &t, NULL) != 0) m->errs++;
+            m->moves++;
+        }
+    }
+    return NULL;
+}
+
+TEST(try_select_sees_one_moment) {
+    /* PITFALLS 7. Two tokens live in channels a and b (capacity 2 each); a mover shifts
+       them between the two, holding at most one at a time, and this thread holds none
+       while it selects. So at every instant a or b holds a token, and a try_select over
+       both must never say CONC_WOULD_BLOCK. One that looks at a, lets go, then looks at b
+       can miss the token travelling from b to a. */
+    conc_chan_t *a = conc_chan_new(sizeof(long), 2), *b = conc_chan_new(sizeof(long), 2);
+    ASSERT(a && b);
+    long t1 = 1, t2 = 2;
+    conc_chan_send(a, &t1, NULL);
+    conc_chan_send(b, &t2, NULL);
+    mover m = {.a = a, .b = b, .stop = conc_ctx_with_cancel(NULL)};
+    spawn(&m.th, move_tokens, &m);
+    long n = tap_iters(200000), missed = 0, errs = 0;
+    for (long i = 0; i < n; i++) {
+        long t = -1;
+        conc_case cs[] = {CONC_RECV(a, &t), CONC_RECV(b, &t)};
+        if (i & 1) {
+            conc_case tmp = cs[0];
+            cs[0] = cs[1];
+            cs[1] = tmp;
+        }
+        int rc = conc_try_select(cs, 2);
+        if (rc == CONC_WOULD_BLOCK) {
+            missed++;
+            continue;
+        }
+        if (rc < 0 || (t != 1 && t != 2)) {
+            errs++;
+            continue;
+        }
+        /* Give the token back (there is room: two tokens, capacity two). */
+        if (conc_chan_try_send(cs[rc].ch, &t) != 0) errs++;
+    }
+    conc_ctx_cancel(m.stop);
+    pthread_join(m.th, NULL);
+    conc_ctx_release(m.stop);
+    printf("#   %ld try_selects, %ld moves by the mover, %ld missed\n", n, m.moves, missed);
+    EXPECT_EQ(missed, 0);
+    EXPECT_EQ(errs, 0);
+    EXPECT_EQ(m.errs, 0);
+    EXPECT_EQ(conc_chan_len(a) + conc_chan_len(b), 2);
+    EXPECT_EQ(conc_chan_free(a), 0);
+    EXPECT_EQ(conc_chan_free(b), 0);
+}
+
+/* ---- lock order --------------------------------------------------------------------- */
+
+enum { LO_CHANS = 3, LO_THREADS = 4 };
+
+typedef struct lo {
+    pthread_t th;
+    conc_chan_t **chans;
+    conc_ctx_t *quit;
+    int64_t id;
+    long limit; /* selects to do; < 0: until quit */
+    long sent, recvd, self;
+    int64_t ssum, rsum;
+    int errs;
+    uint64_t seed;
+} lo;
+
+/* Selects over send and receive on every channel, cases shuffled each time, so that
+   selects take the channels in every order (PITFALLS 5) and meet each other parked. */
+static void *lo_main(void *arg) {
+    lo *l = arg;
+    int64_t seq = 0;
+    for (long i = 0; l->limit < 0 || i < l->limit; i++) {
+        int64_t out = (l->id << 32) | seq, in = -1;
+        conc_case cs[2 * LO_CHANS + 1];
+        int n = 0;
+        for (int k = 0; k < LO_CHANS; k++) {
+            cs[n++] = conc_case_send(l->chans[k], &out);
+            cs[n++] = conc_case_recv(l->chans[k], &in, NULL);
+        }
+        cs[n++] = conc_case_done(l->quit);
+        for (int j = n - 1; j > 0; j--) {
+            int r = (int)(rnd(&l->seed) % (uint64_t)(j + 1));
+            conc_case tmp = cs[j];
+            cs[j] = cs[r];
+            cs[r] = tmp;
+        }
+        int rc = conc_select(cs, (size_t)n, NULL);
+        if (rc < 0 || rc >= n || (cs[rc].kind != CONC_CASE_DONE && cs[rc].status != 0)) {
+            l->errs++;
+            break;
+        }
+        if (cs[rc].kind == CONC_CASE_DONE) break;
+        if (cs[rc].kind == CONC_CASE_SEND) {
+            l->sent++;
+            l->ssum += out;
+            seq++;
+        } else {
+            l->recvd++;
+            l->rsum += in;
+            if ((in >> 32) == l->id && conc_chan_cap(cs[rc].ch) == 0) l->self++;
+        }
+    }
+    return NULL;
+}
+
+TEST(select_lock_order) {
+    conc_chan_t *chans[LO_CHANS];
+    for (int k = 0; k < LO_CHANS; k++) ASSERT((chans[k] = conc_chan_new(sizeof(int64_t), k == 2 ? 1 : 0)) != NULL);
+    conc_ctx_t *quit = conc_ctx_with_cancel(NULL);
+    lo w[LO_THREADS + 1];
+    for (int i = 0; i <= LO_THREADS; i++) {
+        w[i] = (lo){.chans = chans, .quit = quit, .id = i + 1, .limit = i == 0 ? tap_iters(8000) : -1,
+                    .seed = 0x853C49E6748FEA9Bull * (uint64_t)(i + 1)};
+        if (i > 0) spawn(&w[i].th, lo_main, &w[i]);
+    }
+    lo_main(&w[0]); /* this thread takes part, then stops everybody */
+    conc_ctx_cancel(quit);
+    for (int i = 1; i <= LO_THREADS; i++) pthread_join(w[i].th, NULL);
+    long sent = 0, recvd = 0, self = 0, errs = 0;
+    int64_t ssum = 0, rsum = 0;
+    for (int i = 0; i <= LO_THREADS; i++) {
+        sent += w[i].sent;
+        recvd += w[i].recvd;
+        self += w[i].self;
+        errs += w[i].errs;
+        ssum += w[i].ssum;
+        rsum += w[i].rsum;
+    }
+    /* What is still buffered counts as sent, not received. */
+    int64_t left;
+    while (conc_chan_try_recv(chans[2], &left) == 0) {
+        recvd++;
+        rsum += left;
+    }
+    printf("#   %ld values exchanged\n", recvd);
+    EXPECT_EQ(errs, 0);
+    EXPECT_EQ(self, 0);
+    EXPECT_EQ(sent, recvd);
+    EXPECT(ssum == rsum);
+    conc_ctx_release(quit);
+    for (int k = 0; k < LO_CHANS; k++) EXPECT_EQ(conc_chan_free(chans[k]), 0);
+}
+
 /* ---- close wakes parked selects ----------------------------------------------------- */
 
 typedef struct parked {
@@ -787,5 +957,7 @@ int main(void) {
     RUN(close_cancel_races);
     RUN(select_cancel_vs_peer);
     RUN(close_wakes_selects);
+    RUN(try_select_sees_one_moment);
+    RUN(select_lock_order);
     return tap_done();
 }
