@@ -2,6 +2,25 @@
 
    Threads are never ordered with sleeps: a test that needs "this thread is blocked now"
    waits until conc_chan_stats_get() shows the blocked count rose (wait_blocked). */
+#include <stdlib.h>
+
+/* An allocator that fails on request, for this thread only. */
+static _Thread_local int fail_allocs; /* fail the next n allocations */
+static _Thread_local int fail_skip;   /* ... after letting this many through */
+static void *test_malloc(size_t n) {
+    if (fail_skip > 0) {
+        fail_skip--;
+        return malloc(n);
+    }
+    if (fail_allocs > 0) {
+        fail_allocs--;
+        return NULL;
+    }
+    return malloc(n);
+}
+#define CONC_MALLOC(sz) test_malloc(sz)
+#define CONC_FREE(p) free(p)
+
 #define CONC_IMPLEMENTATION
 #include "conc.h"
 #include "tap.h"
@@ -123,6 +142,28 @@ TEST(new_len_cap_elem_size) {
     /* size * cap overflows: NULL, not a tiny buffer. */
     EXPECT(conc_chan_new(SIZE_MAX / 2, 4) == NULL);
     EXPECT(conc_chan_new(((size_t)1 << (sizeof(size_t) * 4)) + 1, ((size_t)1 << (sizeof(size_t) * 4))) == NULL);
+}
+
+TEST(new_out_of_memory) {
+    /* Whichever allocation fails, conc_chan_new returns NULL and leaks nothing (the
+       memcheck run checks the leaks). */
+    for (int skip = 0; skip < 4; skip++) {
+        for (size_t cap = 0; cap <= 8; cap += 8) {
+            fail_skip = skip;
+            fail_allocs = 1;
+            conc_chan_t *ch = conc_chan_new(sizeof(long), cap);
+            bool failed = fail_allocs == 0; /* an allocation was refused */
+            fail_skip = fail_allocs = 0;
+            if (failed) {
+                EXPECT(ch == NULL);
+            } else {
+                ASSERT(ch != NULL);
+                long v = 1;
+                EXPECT_EQ(conc_chan_try_send(ch, &v), cap ? 0 : CONC_WOULD_BLOCK);
+            }
+            EXPECT_EQ(conc_chan_free(ch), 0);
+        }
+    }
 }
 
 TEST(null_arguments) {
@@ -941,6 +982,7 @@ TEST(stats) {
 
 int main(void) {
     RUN(new_len_cap_elem_size);
+    RUN(new_out_of_memory);
     RUN(null_arguments);
     RUN(unbuffered_rendezvous);
     RUN(unbuffered_ping_pong);

@@ -4,6 +4,21 @@
    Threads are never ordered with sleeps. Where a test needs a thread to be blocked in a
    plain send/recv it waits for the channel's blocked count (wait_blocked); a blocked select
    is reached by having the peer itself block until the select arrives. */
+#include <stdlib.h>
+
+/* An allocator that fails on request, for this thread only (conc's own threads allocate
+   too). Set where the implementation is compiled, as the doc says. */
+static _Thread_local int fail_allocs;
+static void *test_malloc(size_t n) {
+    if (fail_allocs > 0) {
+        fail_allocs--;
+        return NULL;
+    }
+    return malloc(n);
+}
+#define CONC_MALLOC(sz) test_malloc(sz)
+#define CONC_FREE(p) free(p)
+
 #define CONC_IMPLEMENTATION
 #include "conc.h"
 #include "tap.h"
@@ -884,6 +899,48 @@ TEST(many_cases) {
     for (int i = 0; i < N; i++) EXPECT_EQ(conc_chan_free(chans[i]), 0);
 }
 
+TEST(nomem_many_cases) {
+    /* More than 16 cases need memory for the waiters; without it the select fails with
+       CONC_NOMEM before touching any channel. */
+    enum { N = 20 };
+    conc_chan_t *chans[N];
+    conc_case cs[N];
+    long v = -1, out = 3;
+    for (int i = 0; i < N; i++) {
+        ASSERT((chans[i] = conc_chan_new(sizeof(long), 1)) != NULL);
+        cs[i] = (i & 1) ? conc_case_send(chans[i], &out) : conc_case_recv(chans[i], &v, NULL);
+    }
+    fail_allocs = 1;
+    EXPECT_EQ(conc_select(cs, N, NULL), CONC_NOMEM);
+    fail_allocs = 0;
+    for (int i = 0; i < N; i++) EXPECT_EQ(conc_chan_len(chans[i]), 0);
+    EXPECT_EQ(v, -1);
+    /* With memory it works (a send case is ready). */
+    int rc = conc_select(cs, N, NULL);
+    EXPECT(rc >= 0 && rc < N && (rc & 1));
+    for (int i = 0; i < N; i++) EXPECT_EQ(conc_chan_free(chans[i]), 0);
+}
+
+TEST(free_refused_while_select_parked) {
+    conc_chan_t *c1 = conc_chan_new(sizeof(long), 0), *c2 = conc_chan_new(sizeof(long), 0);
+    ASSERT(c1 && c2);
+    long v = -1;
+    conc_case cs[] = {CONC_RECV(c1, &v), CONC_RECV(c2, &v)};
+    selop s;
+    selop_start(&s, cs, 2, NULL);
+    EXPECT(wait_blocked(c1, 0, 1)); /* parked on both */
+    EXPECT(wait_blocked(c2, 0, 1));
+    EXPECT_EQ(conc_chan_free(c1), CONC_BUSY);
+    EXPECT_EQ(conc_chan_free(c2), CONC_BUSY);
+    long x = 4;
+    EXPECT_EQ(conc_chan_send(c1, &x, NULL), 0);
+    pthread_join(s.th, NULL);
+    EXPECT_EQ(s.rc, 0);
+    EXPECT_EQ(v, 4);
+    EXPECT_EQ(conc_chan_free(c1), 0);
+    EXPECT_EQ(conc_chan_free(c2), 0); /* the registration on c2 is gone */
+}
+
 int main(void) {
     RUN(recv_and_send_ready);
     RUN(ready_case_beats_blocking_cases);
@@ -909,5 +966,7 @@ int main(void) {
     RUN(zero_cases);
     RUN(bad_kind_is_invalid);
     RUN(many_cases);
+    RUN(nomem_many_cases);
+    RUN(free_refused_while_select_parked);
     return tap_done();
 }
