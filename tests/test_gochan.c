@@ -336,7 +336,7 @@ static void *nb_send(void *arg) {
 }
 
 TEST(nonblock) {
-    long v;
+    long v = 0;
     EXPECT_EQ(conc_chan_try_send(NULL, &v), CONC_INVALID);
     EXPECT_EQ(conc_chan_try_recv(NULL, &v), CONC_INVALID);
     static const size_t caps[] = {0, 1, 2, 8};
