@@ -122,12 +122,6 @@ static void *cancel_soon(void *arg) {
     return NULL;
 }
 
-static void *close_soon(void *arg) {
-    conc_sleep(10 * CONC_MILLISECOND, NULL);
-    conc_chan_close(arg);
-    return NULL;
-}
-
 static conc_ctx_t *ended_ctx(void) {
     conc_ctx_t *c = conc_ctx_with_cancel(NULL);
     conc_ctx_cancel(c);
@@ -322,10 +316,12 @@ TEST(blocked_select_woken_by_close) {
     bool ok = true;
     conc_case cs[] = {CONC_RECV(c1, &v1), CONC_RECV_OK(c2, &v2, &ok)};
     cs[1].status = 999;
-    pthread_t th;
-    spawn(&th, close_soon, c2);
-    EXPECT_EQ(conc_select(cs, 2, NULL), 1);
-    pthread_join(th, NULL);
+    selop s;
+    selop_start(&s, cs, 2, NULL);
+    EXPECT(wait_blocked(c2, 0, 1)); /* parked (a parked select counts as a waiting receive) */
+    EXPECT_EQ(conc_chan_close(c2), 0);
+    pthread_join(s.th, NULL);
+    EXPECT_EQ(s.rc, 1);
     EXPECT_EQ(cs[1].status, CONC_CLOSED);
     EXPECT(!ok);
     EXPECT_EQ(v2, 0);
@@ -338,9 +334,11 @@ TEST(blocked_select_woken_by_close) {
     EXPECT_EQ(conc_chan_send(c3, &x, NULL), 0); /* full */
     conc_case ss[] = {CONC_RECV(c1, &v1), CONC_SEND(c3, &x)};
     ss[1].status = 999;
-    spawn(&th, close_soon, c3);
-    EXPECT_EQ(conc_select(ss, 2, NULL), 1);
-    pthread_join(th, NULL);
+    selop_start(&s, ss, 2, NULL);
+    EXPECT(wait_blocked(c3, 1, 0));
+    EXPECT_EQ(conc_chan_close(c3), 0);
+    pthread_join(s.th, NULL);
+    EXPECT_EQ(s.rc, 1);
     EXPECT_EQ(ss[1].status, CONC_CLOSED);
     EXPECT_EQ(conc_chan_len(c3), 1);
     EXPECT_EQ(conc_chan_try_send(c1, &x), CONC_WOULD_BLOCK);
@@ -437,6 +435,31 @@ TEST(done_case) {
     conc_ctx_release(c);
     EXPECT_EQ(conc_chan_try_send(ch, &v), CONC_WOULD_BLOCK);
     EXPECT_EQ(conc_chan_free(ch), 0);
+}
+
+TEST(done_case_on_the_selects_own_ctx) {
+    /* Already ended: the DONE case is ready, and a ready case wins over the ended ctx. */
+    conc_chan_t *idle = conc_chan_new(sizeof(long), 0);
+    ASSERT(idle != NULL);
+    long v = -1;
+    conc_ctx_t *c = ended_ctx();
+    conc_case cs[] = {CONC_RECV(idle, &v), CONC_DONE(c)};
+    cs[1].status = 999;
+    EXPECT_EQ(conc_select(cs, 2, c), 1);
+    EXPECT_EQ(cs[1].status, CONC_CANCELED);
+    conc_ctx_release(c);
+    /* Ending while parked: either outcome names the cancellation. */
+    c = conc_ctx_with_cancel(NULL);
+    cs[1] = conc_case_done(c);
+    cs[1].status = 999;
+    selop s;
+    selop_start(&s, cs, 2, c);
+    EXPECT(wait_blocked(idle, 0, 1));
+    conc_ctx_cancel(c);
+    pthread_join(s.th, NULL);
+    EXPECT(s.rc == CONC_CANCELED || (s.rc == 1 && cs[1].status == CONC_CANCELED));
+    conc_ctx_release(c);
+    EXPECT_EQ(conc_chan_free(idle), 0);
 }
 
 TEST(select_with_only_done_case) {
@@ -728,10 +751,12 @@ TEST(ctx_ends_while_blocked) {
 
     conc_ctx_t *c = conc_ctx_with_cancel(NULL);
     conc_case cs[] = {CONC_RECV(c1, &v), CONC_SEND(c2, &w), CONC_SEND(c1, &w)};
-    pthread_t th;
-    spawn(&th, cancel_soon, c);
-    EXPECT_EQ(conc_select(cs, 3, c), CONC_CANCELED);
-    pthread_join(th, NULL);
+    selop s;
+    selop_start(&s, cs, 3, c);
+    EXPECT(wait_blocked(c2, 1, 0)); /* parked on every channel */
+    conc_ctx_cancel(c);
+    pthread_join(s.th, NULL);
+    EXPECT_EQ(s.rc, CONC_CANCELED);
     conc_ctx_release(c);
     EXPECT_EQ(v, -1);
     /* Nothing left behind: no stale receiver or sender on c1, c2 unchanged. */
@@ -953,6 +978,7 @@ int main(void) {
     RUN(nil_channel_never_ready);
     RUN(try_select_would_block_touches_nothing);
     RUN(done_case);
+    RUN(done_case_on_the_selects_own_ctx);
     RUN(select_with_only_done_case);
     RUN(status_and_ok_flags);
     RUN(uniform_choice_among_ready_cases);
