@@ -8,8 +8,10 @@
                  channels, for send and receive, in every call form.
    select6       a select's failed case must not corrupt the other waiters' queue.
    select7       every receive form against every send form, discarding the value.
-   pipeline      powser-style: ~100 threads in a chain of unbuffered channels, torn down
+   pipeline      powser-style: 100 threads in a chain of unbuffered channels, torn down
                  by close in order, and by cancelling a context.
+
+   The sieve and the pipelines use fewer threads when CONC_TEST_SCALE < 1 (Valgrind).
 
    "Blocks" is detected with a short timeout context; threads are never ordered with
    sleeps (a thread that must be blocked first is waited for through the channel's
@@ -76,6 +78,14 @@ static void op_start_blocked(op *o, int kind, conc_chan_t *ch, long val) {
     EXPECT(wait_blocked(ch, s.blocked_sends + (kind == OP_SEND), s.blocked_recvs + (kind == OP_RECV)));
 }
 
+/* Thread counts for the many-thread programs: full size normally; under Valgrind
+   (CONC_TEST_SCALE < 1) fewer threads, as DRD's cost grows with the thread count. */
+static int thread_count(int full, int least) {
+    long n = (long)((double)full * tap_scale());
+    if (n > full) n = full;
+    return n < least ? least : (int)n;
+}
+
 /* ---- sieve -------------------------------------------------------------------------- */
 
 typedef struct stage {
@@ -101,29 +111,30 @@ static void *filter(void *arg) {
 }
 
 TEST(sieve) {
-    enum { NPRIMES = 100 };
+    enum { MAXPRIMES = 100 };
+    const int nprimes = thread_count(MAXPRIMES, 20);
     /* The reference: trial division. */
-    long want[NPRIMES];
+    long want[MAXPRIMES];
     int k = 0;
-    for (long n = 2; k < NPRIMES; n++) {
+    for (long n = 2; k < MAXPRIMES; n++) {
         bool prime = true;
         for (long d = 2; d * d <= n; d++)
             if (n % d == 0) prime = false;
         if (prime) want[k++] = n;
     }
-    EXPECT_EQ(want[NPRIMES - 1], 541);
+    EXPECT_EQ(want[MAXPRIMES - 1], 541);
 
     for (size_t cap = 0; cap <= 4; cap += 4) {
         conc_ctx_t *ctx = conc_ctx_with_cancel(NULL);
-        conc_chan_t *chans[NPRIMES + 1];
-        stage gen, filters[NPRIMES];
+        conc_chan_t *chans[MAXPRIMES + 1];
+        stage gen, filters[MAXPRIMES];
         ASSERT((chans[0] = conc_chan_new(sizeof(long), cap)) != NULL);
         gen.out = chans[0];
         gen.ctx = ctx;
         spawn(&gen.th, generate, &gen);
         conc_chan_t *ch = chans[0];
         int bad = 0;
-        for (int i = 0; i < NPRIMES; i++) {
+        for (int i = 0; i < nprimes; i++) {
             long p = -1;
             if (conc_chan_recv(ch, &p, NULL) != 0 || p != want[i]) bad++;
             ASSERT((chans[i + 1] = conc_chan_new(sizeof(long), cap)) != NULL);
@@ -135,9 +146,9 @@ TEST(sieve) {
         /* Tear the pipeline down: every stage sees the context end. */
         conc_ctx_cancel(ctx);
         pthread_join(gen.th, NULL);
-        for (int i = 0; i < NPRIMES; i++) pthread_join(filters[i].th, NULL);
+        for (int i = 0; i < nprimes; i++) pthread_join(filters[i].th, NULL);
         conc_ctx_release(ctx);
-        for (int i = 0; i <= NPRIMES; i++) EXPECT_EQ(conc_chan_free(chans[i]), 0);
+        for (int i = 0; i <= nprimes; i++) EXPECT_EQ(conc_chan_free(chans[i]), 0);
     }
 }
 
@@ -698,7 +709,7 @@ TEST(select7_discarding_receive_forms) {
 
 /* ---- pipeline ----------------------------------------------------------------------- */
 
-enum { DEPTH = 100 };
+enum { MAXDEPTH = 100 };
 
 typedef struct link {
     pthread_t th;
@@ -752,10 +763,11 @@ static void *feed(void *arg) {
 }
 
 TEST(deep_pipeline_closed_in_order) {
-    conc_chan_t *chans[DEPTH + 1];
-    link_t links[DEPTH];
-    for (int i = 0; i <= DEPTH; i++) ASSERT((chans[i] = conc_chan_new(sizeof(long), 0)) != NULL);
-    for (int i = 0; i < DEPTH; i++) {
+    conc_chan_t *chans[MAXDEPTH + 1];
+    link_t links[MAXDEPTH];
+    const int depth = thread_count(MAXDEPTH, 16);
+    for (int i = 0; i <= depth; i++) ASSERT((chans[i] = conc_chan_new(sizeof(long), 0)) != NULL);
+    for (int i = 0; i < depth; i++) {
         links[i] = (link_t){.in = chans[i], .out = chans[i + 1]};
         spawn(&links[i].th, link_main, &links[i]);
     }
@@ -763,8 +775,8 @@ TEST(deep_pipeline_closed_in_order) {
     spawn(&f.th, feed, &f);
     long bad = 0, count = 0, v;
     int rc;
-    while ((rc = conc_chan_recv(chans[DEPTH], &v, NULL)) == 0) {
-        if (v != count + DEPTH) bad++;
+    while ((rc = conc_chan_recv(chans[depth], &v, NULL)) == 0) {
+        if (v != count + depth) bad++;
         count++;
     }
     EXPECT_EQ(rc, CONC_CLOSED);
@@ -772,23 +784,24 @@ TEST(deep_pipeline_closed_in_order) {
     EXPECT_EQ(count, f.n);
     /* The last close implies all earlier ones. */
     long x = 0;
-    for (int i = 0; i <= DEPTH; i++) EXPECT_EQ(conc_chan_try_send(chans[i], &x), CONC_CLOSED);
+    for (int i = 0; i <= depth; i++) EXPECT_EQ(conc_chan_try_send(chans[i], &x), CONC_CLOSED);
     pthread_join(f.th, NULL);
     EXPECT_EQ(f.errs, 0);
-    for (int i = 0; i < DEPTH; i++) {
+    for (int i = 0; i < depth; i++) {
         pthread_join(links[i].th, NULL);
         EXPECT_EQ(links[i].errs, 0);
         EXPECT_EQ(links[i].passed, f.n);
     }
-    for (int i = 0; i <= DEPTH; i++) EXPECT_EQ(conc_chan_free(chans[i]), 0);
+    for (int i = 0; i <= depth; i++) EXPECT_EQ(conc_chan_free(chans[i]), 0);
 }
 
 TEST(deep_pipeline_cancelled) {
     conc_ctx_t *ctx = conc_ctx_with_cancel(NULL);
-    conc_chan_t *chans[DEPTH + 1];
-    link_t links[DEPTH];
-    for (int i = 0; i <= DEPTH; i++) ASSERT((chans[i] = conc_chan_new(sizeof(long), 0)) != NULL);
-    for (int i = 0; i < DEPTH; i++) {
+    conc_chan_t *chans[MAXDEPTH + 1];
+    link_t links[MAXDEPTH];
+    const int depth = thread_count(MAXDEPTH, 16);
+    for (int i = 0; i <= depth; i++) ASSERT((chans[i] = conc_chan_new(sizeof(long), 0)) != NULL);
+    for (int i = 0; i < depth; i++) {
         links[i] = (link_t){.in = chans[i], .out = chans[i + 1], .ctx = ctx};
         spawn(&links[i].th, link_main, &links[i]);
     }
@@ -797,14 +810,14 @@ TEST(deep_pipeline_cancelled) {
     for (long i = 0; i < n; i++) {
         if (conc_chan_send(chans[0], &i, NULL) != 0) bad++;
         long v = -1;
-        if (conc_chan_recv(chans[DEPTH], &v, NULL) != 0 || v != i + DEPTH) bad++;
+        if (conc_chan_recv(chans[depth], &v, NULL) != 0 || v != i + depth) bad++;
     }
     EXPECT_EQ(bad, 0);
     conc_ctx_cancel(ctx);
-    for (int i = 0; i < DEPTH; i++) pthread_join(links[i].th, NULL);
-    for (int i = 0; i < DEPTH; i++) EXPECT_EQ(links[i].passed, n);
+    for (int i = 0; i < depth; i++) pthread_join(links[i].th, NULL);
+    for (int i = 0; i < depth; i++) EXPECT_EQ(links[i].passed, n);
     conc_ctx_release(ctx);
-    for (int i = 0; i <= DEPTH; i++) EXPECT_EQ(conc_chan_free(chans[i]), 0);
+    for (int i = 0; i <= depth; i++) EXPECT_EQ(conc_chan_free(chans[i]), 0);
 }
 
 int main(void) {
