@@ -669,6 +669,7 @@ static void conc__wake_list(conc__waiter *w) {
    the short pause phase. Each thread adapts its budget: doubled after a spin that paid,
    halved after one that did not. Under Valgrind threads run one at a time: no spin. */
 #define CONC__SPIN_PAUSES 128
+#define CONC__SPIN_MIN_NS (CONC_SPIN_NS / 8)
 static _Thread_local int64_t conc__spin_budget = CONC_SPIN_NS;
 static _Atomic int64_t conc__pause_ns_x16; /* calibrated cost of one pause, x16 */
 
@@ -704,18 +705,21 @@ static int64_t conc__sel_park(conc__sel *s) {
             }
             CONC__PAUSE();
         }
+        /* the budget bounds the yield phase only; it never drops so low that a peer
+           sharing our vCPU gets no chance to run before we sleep */
         int64_t budget = conc__spin_budget, now = conc_now();
+        int64_t y0 = now;
         t0 = now - (CONC__SPIN_PAUSES * per16) / 16;
-        while (now - t0 < budget) {
+        do {
             sched_yield();
             now = conc_now();
             if (conc__sel_is_done(s)) {
-                if (budget < CONC_SPIN_NS) conc__spin_budget = budget * 2 < CONC_SPIN_NS ? budget * 2 : CONC_SPIN_NS;
+                conc__spin_budget = budget * 2 < CONC_SPIN_NS ? budget * 2 : CONC_SPIN_NS;
                 waited = now - t0;
                 goto done;
             }
-        }
-        if (budget > 2000) conc__spin_budget = budget / 2;
+        } while (now - y0 < budget);
+        if (budget > CONC__SPIN_MIN_NS) conc__spin_budget = budget / 2;
     }
 #endif
     if (t0 == 0) t0 = conc_now();
