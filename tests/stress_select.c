@@ -345,6 +345,19 @@ TEST(fairness) {
 
 /* ---- no growth ---------------------------------------------------------------------- */
 
+/* AddressSanitizer keeps freed memory in quarantine, so RSS grows with malloc/free churn
+   that is not a leak; there LeakSanitizer does the leak check instead. */
+#if defined(__SANITIZE_ADDRESS__)
+#define RSS_MEANINGFUL 0
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define RSS_MEANINGFUL 0
+#endif
+#endif
+#ifndef RSS_MEANINGFUL
+#define RSS_MEANINGFUL 1
+#endif
+
 static long rss_bytes(void) {
     FILE *f = fopen("/proc/self/statm", "r");
     if (!f) return -1;
@@ -432,7 +445,10 @@ TEST(no_growth) {
     /* A leaked 20-case waiter array (about 1 KB a select) would be over 20 MB at full
        scale; 8 MB leaves room for what sanitizers and Valgrind add. */
     EXPECT(before > 0 && after > 0);
-    EXPECT(after - before < 8 * 1024 * 1024);
+    if (RSS_MEANINGFUL)
+        EXPECT(after - before < 8 * 1024 * 1024);
+    else
+        printf("#   RSS bound not checked under AddressSanitizer\n");
     /* No registration left: the quiet channels have nobody waiting. */
     long x = 1;
     for (int q = 0; q < NQ; q++) {
