@@ -158,6 +158,7 @@ static void run_mpmc(size_t cap, long n, long close_after) {
             conc_chan_stats_get(ch, &s);
             if ((long)s.recvs >= close_after) break;
             sched_yield();
+            nap();
         }
         EXPECT_EQ(conc_chan_close(ch), 0);
         for (int i = 0; i < NPROD; i++) pthread_join(prod[i].th, NULL);
