@@ -175,6 +175,17 @@ TEST(null_arguments) {
     EXPECT_EQ(conc_chan_close(NULL), CONC_INVALID);
     EXPECT_EQ(conc_chan_free(NULL), 0);
     EXPECT_EQ(v, 7);
+    /* A send needs a value to copy unless elements are empty. */
+    conc_chan_t *ch = conc_chan_new(sizeof(long), 1);
+    conc_chan_t *z = conc_chan_new(0, 1);
+    ASSERT(ch && z);
+    EXPECT_EQ(conc_chan_send(ch, NULL, NULL), CONC_INVALID);
+    EXPECT_EQ(conc_chan_try_send(ch, NULL), CONC_INVALID);
+    EXPECT_EQ(conc_chan_len(ch), 0);
+    EXPECT_EQ(conc_chan_try_send(z, NULL), 0);
+    EXPECT_EQ(conc_chan_try_recv(z, NULL), 0);
+    EXPECT_EQ(conc_chan_free(ch), 0);
+    EXPECT_EQ(conc_chan_free(z), 0);
     /* An ended context does not turn INVALID into CANCELED. */
     conc_ctx_t *c = conc_ctx_with_cancel(NULL);
     conc_ctx_cancel(c);

@@ -873,6 +873,9 @@ TEST(bad_kind_is_invalid) {
     EXPECT_EQ(conc_select(cs, 2, NULL), CONC_INVALID);
     cs[1].kind = (conc_case_kind)0;
     EXPECT_EQ(conc_select(cs, 2, NULL), CONC_INVALID);
+    /* A send case without a value (elements are not empty). */
+    conc_case nv[] = {CONC_RECV(ch, &v), CONC_SEND(ch, NULL)};
+    EXPECT_EQ(conc_select(nv, 2, NULL), CONC_INVALID);
     /* Rejected before anything happened. */
     EXPECT_EQ(conc_chan_len(ch), 0);
     EXPECT_EQ(conc_chan_free(ch), 0);
