@@ -1,9 +1,11 @@
 /* test_select.c - select: ready and blocking cases, nil channels, DONE cases, status and
    ok flags, uniform choice, one channel in several cases, contexts, n == 0.
 
-   Threads are never ordered with sleeps. Where a test needs a thread to be blocked in a
-   plain send/recv it waits for the channel's blocked count (wait_blocked); a blocked select
-   is reached by having the peer itself block until the select arrives. */
+   Threads are never ordered with sleeps. Where a test needs a thread to be blocked it
+   waits for the channel's blocked count (wait_blocked; a parked select counts as a waiting
+   send or receive on each of its channels), or has the peer itself block until the select
+   arrives. Only where a select has no channel to watch does a helper cancel "soon", and
+   there the outcome does not depend on the order. */
 #include <stdlib.h>
 
 /* An allocator that fails on request, for this thread only (conc's own threads allocate
