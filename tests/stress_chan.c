@@ -434,8 +434,8 @@ TEST(cancel_races_buffered) {
 
 TEST(close_races) {
     race_tally t = {0};
-    run_races(M_CLOSE_UNBUF, tap_iters(15000), &t);
-    run_races(M_CLOSE_BUF, tap_iters(15000), &t);
+    run_races(M_CLOSE_UNBUF, tap_iters(12000), &t);
+    run_races(M_CLOSE_BUF, tap_iters(12000), &t);
     report("close vs send/recv", &t);
     EXPECT_EQ(t.bad, 0);
     if (tap_scale() >= 1.0) {
@@ -446,7 +446,7 @@ TEST(close_races) {
 
 TEST(all_races_mixed) {
     race_tally t = {0};
-    run_races(-1, tap_iters(30000), &t);
+    run_races(-1, tap_iters(12000), &t);
     report("all modes interleaved", &t);
     EXPECT_EQ(t.bad, 0);
 }
