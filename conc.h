@@ -1719,8 +1719,9 @@ CONC_API void conc_chan_stats_get(conc_chan_t *ch, conc_chan_stats *out) {
 /* ======================================================================== */
 /* >>select                                                                 */
 /* ======================================================================== */
-/* Go's selectgo: lock every channel of the select in address order (each once), poll the
-   cases in a random order, perform the first ready one; otherwise queue one waiter per
+/* Go's selectgo: poll the cases in a random order and perform the first ready one (pass 1
+   takes one channel lock at a time; pass 2 takes every channel lock of the select, in
+   address order, each once); if none is ready with every lock held, queue one waiter per
    case (in that random order) plus one on each context, all sharing one conc__sel, unlock,
    and park. The first completer claims the sel; after the wake the select unlinks its
    other waiters, one channel lock at a time. Holding all locks during the poll gives the
@@ -1785,28 +1786,35 @@ static int conc__select(conc_case *cases, size_t n, conc_ctx_t *ctx, bool block)
         w[i].queued = false;
     }
 
-    conc__select_lock(cases, lockorder, nlock);
-    for (size_t k = 0; k < n; k++) {
-        size_t i = order[k];
-        conc_case *c = &cases[i];
-        conc__waiter *wake = NULL;
-        int st;
-        if (c->kind == CONC_CASE_DONE) {
-            st = conc_ctx_err(c->ctx);
-            if (st == 0) continue;
-        } else if (!c->ch) {
-            continue;
-        } else {
-            st = c->kind == CONC_CASE_SEND ? conc__send_locked(c->ch, c->elem, &wake)
-                                           : conc__recv_locked(c->ch, c->elem, &wake);
-            if (st == CONC_WOULD_BLOCK) continue;
+    /* Pass 1: the first ready case in the random order, one channel lock at a time.
+       Performing one case under its own lock is atomic, so a case found ready here is as
+       good as one found with every lock held; only "nothing is ready" needs pass 2. */
+    for (int pass = 1; pass <= 2; pass++) {
+        if (pass == 2) conc__select_lock(cases, lockorder, nlock);
+        for (size_t k = 0; k < n; k++) {
+            size_t i = order[k];
+            conc_case *c = &cases[i];
+            conc__waiter *wake = NULL;
+            int st;
+            if (c->kind == CONC_CASE_DONE) {
+                st = conc_ctx_err(c->ctx);
+                if (st == 0) continue;
+            } else if (!c->ch) {
+                continue;
+            } else {
+                if (pass == 1) CONC__LOCK(&c->ch->mu);
+                st = c->kind == CONC_CASE_SEND ? conc__send_locked(c->ch, c->elem, &wake)
+                                               : conc__recv_locked(c->ch, c->elem, &wake);
+                if (pass == 1) CONC__UNLOCK(&c->ch->mu);
+                if (st == CONC_WOULD_BLOCK) continue;
+            }
+            if (pass == 2) conc__select_unlock(cases, lockorder, nlock);
+            if (wake) conc__sel_wake(wake->sel);
+            c->status = st;
+            if (c->ok) *c->ok = st == 0;
+            result = (int)i;
+            goto out;
         }
-        conc__select_unlock(cases, lockorder, nlock);
-        if (wake) conc__sel_wake(wake->sel);
-        c->status = st;
-        if (c->ok) *c->ok = st == 0;
-        result = (int)i;
-        goto out;
     }
     if (!block) {
         conc__select_unlock(cases, lockorder, nlock);
