@@ -67,7 +67,7 @@ static bool wait_blocked(conc_chan_t *ch, uint64_t sends, uint64_t recvs) {
 
 /* ---- mpmc --------------------------------------------------------------------------- */
 
-enum { NPROD = 8, NCONS = 8 };
+enum { MAXPROD = 8, MAXCONS = 8 };
 
 typedef struct producer {
     pthread_t th;
@@ -129,25 +129,27 @@ static void *consume(void *arg) {
     return NULL;
 }
 
-/* Runs NPROD producers (n values each) and NCONS consumers on a channel of capacity cap.
+/* Runs 8 producers (n values each) and 8 consumers (4 and 4 under Valgrind, where the
+   cost grows with the thread count) on a channel of capacity cap.
    If close_after >= 0, closes the channel once the consumers have taken close_after values
    (the producers then stop at CONC_CLOSED; n = 2 * close_after bounds them). Checks
    exactly-once delivery. */
 static void run_mpmc(size_t cap, long n, long close_after) {
     if (close_after >= 0) n = 2 * close_after;
-    long range = n * NPROD;
+    const int nprod = tap_scale() < 1 ? 4 : MAXPROD, ncons = tap_scale() < 1 ? 4 : MAXCONS;
+    long range = n * nprod;
     long per_range = n;
     conc_chan_t *ch = conc_chan_new(sizeof(long), cap);
     ASSERT(ch != NULL);
-    producer prod[NPROD];
-    consumer cons[NCONS];
-    for (int i = 0; i < NCONS; i++) {
+    producer prod[MAXPROD];
+    consumer cons[MAXCONS];
+    for (int i = 0; i < ncons; i++) {
         cons[i] = (consumer){.ch = ch, .range = range, .seed = 0x9E3779B97F4A7C15ull * (uint64_t)(i + 1)};
         cons[i].seen = calloc((size_t)range, 1);
         ASSERT(cons[i].seen != NULL);
         spawn(&cons[i].th, consume, &cons[i]);
     }
-    for (int i = 0; i < NPROD; i++) {
+    for (int i = 0; i < nprod; i++) {
         prod[i] = (producer){.ch = ch, .first = i * per_range, .n = n, .seed = 0xD1B54A32D192ED03ull * (uint64_t)(i + 7)};
         spawn(&prod[i].th, produce, &prod[i]);
     }
@@ -161,22 +163,22 @@ static void run_mpmc(size_t cap, long n, long close_after) {
             nap();
         }
         EXPECT_EQ(conc_chan_close(ch), 0);
-        for (int i = 0; i < NPROD; i++) pthread_join(prod[i].th, NULL);
+        for (int i = 0; i < nprod; i++) pthread_join(prod[i].th, NULL);
     } else {
-        for (int i = 0; i < NPROD; i++) pthread_join(prod[i].th, NULL);
+        for (int i = 0; i < nprod; i++) pthread_join(prod[i].th, NULL);
         EXPECT_EQ(conc_chan_close(ch), 0);
     }
-    for (int i = 0; i < NCONS; i++) pthread_join(cons[i].th, NULL);
+    for (int i = 0; i < ncons; i++) pthread_join(cons[i].th, NULL);
 
     long sent = 0, got = 0, errs = 0;
     long long ssum = 0, rsum = 0;
-    for (int i = 0; i < NPROD; i++) {
+    for (int i = 0; i < nprod; i++) {
         sent += prod[i].sent;
         ssum += prod[i].sum;
         errs += prod[i].errs;
         if (close_after < 0) EXPECT_EQ(prod[i].sent, n);
     }
-    for (int i = 0; i < NCONS; i++) {
+    for (int i = 0; i < ncons; i++) {
         got += cons[i].got;
         rsum += cons[i].sum;
         errs += cons[i].errs;
@@ -186,23 +188,23 @@ static void run_mpmc(size_t cap, long n, long close_after) {
     EXPECT(ssum == rsum);
     /* Per value: received at most once, and every sent value received. */
     long dup = 0, lost = 0;
-    for (int p = 0; p < NPROD; p++) {
+    for (int p = 0; p < nprod; p++) {
         for (long i = 0; i < prod[p].sent; i++) {
             long v = prod[p].first + i;
             int count = 0;
-            for (int c = 0; c < NCONS; c++) count += cons[c].seen[v];
+            for (int c = 0; c < ncons; c++) count += cons[c].seen[v];
             if (count == 0) lost++;
             if (count > 1) dup++;
         }
         /* Nothing beyond what the producer reports as sent. */
         for (long i = prod[p].sent; i < prod[p].sent + 2 && i < per_range; i++)
-            for (int c = 0; c < NCONS; c++)
+            for (int c = 0; c < ncons; c++)
                 if (cons[c].seen[prod[p].first + i]) dup++;
     }
     EXPECT_EQ(dup, 0);
     EXPECT_EQ(lost, 0);
     EXPECT_EQ(conc_chan_len(ch), 0);
-    for (int i = 0; i < NCONS; i++) free(cons[i].seen);
+    for (int i = 0; i < ncons; i++) free(cons[i].seen);
     EXPECT_EQ(conc_chan_free(ch), 0);
 }
 
