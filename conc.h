@@ -174,7 +174,11 @@ REVISION HISTORY
 
 #ifndef CONC_API
 #ifdef CONC_STATIC
+#if defined(__GNUC__) || defined(__clang__)
+#define CONC_API static __attribute__((unused)) /* a private copy need not use everything */
+#else
 #define CONC_API static
+#endif
 #else
 #define CONC_API extern
 #endif
@@ -435,12 +439,14 @@ CONC_API int conc_sleep(int64_t duration_ns, conc_ctx_t *ctx);
 #include <valgrind/helgrind.h>
 #define CONC__HB_BEFORE(a) ANNOTATE_HAPPENS_BEFORE(a)
 #define CONC__HB_AFTER(a) ANNOTATE_HAPPENS_AFTER(a)
+#define CONC__HB_FORGET(a) ANNOTATE_HAPPENS_BEFORE_FORGET_ALL(a) /* before the memory is reused */
 #define CONC__UNCHECKED(a) VALGRIND_HG_DISABLE_CHECKING((a), sizeof *(a))
 #define CONC__CHECKED(a) VALGRIND_HG_ENABLE_CHECKING((a), sizeof *(a))
 #define CONC__ON_VALGRIND() (RUNNING_ON_VALGRIND != 0)
 #else
 #define CONC__HB_BEFORE(a) ((void)0)
 #define CONC__HB_AFTER(a) ((void)0)
+#define CONC__HB_FORGET(a) ((void)0)
 #define CONC__UNCHECKED(a) ((void)0)
 #define CONC__CHECKED(a) ((void)0)
 #define CONC__ON_VALGRIND() 0
@@ -607,6 +613,8 @@ static void conc__sel_init(conc__sel *s) {
 }
 
 static void conc__sel_fini(conc__sel *s) {
+    CONC__HB_FORGET(s);
+    CONC__HB_FORGET(&s->parker);
     CONC__CHECKED(&s->fired);
     CONC__CHECKED(&s->park);
     (void)s;
@@ -737,7 +745,7 @@ static int64_t conc__sel_park(conc__sel *s) {
     waited = conc_now() - t0;
 done:
     CONC__HB_AFTER(s);
-    return waited;
+    return waited > 0 ? waited : 1; /* it did wait, however briefly */
 }
 
 /* ======================================================================== */
@@ -1117,6 +1125,8 @@ static void conc__ctx_unref(conc_ctx_t *c) {
             CONC__UNLOCK(&p->mu);
         }
         pthread_mutex_destroy(&c->mu);
+        CONC__HB_FORGET(&c->err);
+        CONC__HB_FORGET(&c->refs);
         CONC__CHECKED(&c->err);
         CONC__CHECKED(&c->refs);
         CONC_FREE(c);
@@ -1128,6 +1138,7 @@ static void conc__af_unref(conc_after_func_t *af) {
     CONC__HB_BEFORE(&af->refs);
     if (atomic_fetch_sub_explicit(&af->refs, 1, CONC__ACQ_REL) != 1) return;
     CONC__HB_AFTER(&af->refs);
+    CONC__HB_FORGET(&af->refs);
     CONC__CHECKED(&af->refs);
     CONC_FREE(af);
 }
