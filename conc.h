@@ -245,8 +245,8 @@ typedef struct conc_chan_stats {
     uint64_t sends, recvs;    /* completed sends / receives */
     uint64_t blocked_sends;   /* sends that had to wait for a receiver or for room */
     uint64_t blocked_recvs;   /* receives that had to wait for a value */
-    int64_t send_wait_ns;     /* total time blocked sends waited */
-    int64_t recv_wait_ns;     /* total time blocked receives waited */
+    int64_t send_wait_ns;     /* total time blocked sends waited (a select that waited on */
+    int64_t recv_wait_ns;     /* several channels adds its wait to each), receives likewise */
 } conc_chan_stats;
 
 CONC_API conc_chan_t *conc_chan_new(size_t elem_size, size_t cap);
@@ -523,6 +523,65 @@ static void conc__mutex_init(pthread_mutex_t *m) {
 #endif
 }
 
+/* Channel locks guard a few dozen instructions and are taken by every operation, so
+   their cost under contention decides channel throughput. A pthread mutex sends both the
+   waiting locker and the unlocker through futex syscalls once its short adaptive spin
+   fails; this lock is an exchange to take and a plain store to drop, and a locker that
+   finds it taken backs off with pause, then with sched_yield (which lets a preempted
+   holder run again when threads outnumber cores). It is never held across anything
+   that blocks. Built with CONC_VALGRIND and running under Valgrind, it is a pthread
+   mutex instead, so that Helgrind checks the locking discipline; ThreadSanitizer checks
+   the spinning one. */
+typedef struct conc__spinlock {
+    _Atomic int held;
+#ifdef CONC_VALGRIND
+    pthread_mutex_t vg; /* used instead when running under Valgrind */
+#endif
+} conc__spinlock;
+
+static void conc__spin_init(conc__spinlock *l) {
+    atomic_init(&l->held, 0);
+#ifdef CONC_VALGRIND
+    conc__mutex_init(&l->vg);
+#endif
+}
+static void conc__spin_destroy(conc__spinlock *l) {
+#ifdef CONC_VALGRIND
+    pthread_mutex_destroy(&l->vg);
+#endif
+    (void)l;
+}
+static void conc__spin_lock_slow(conc__spinlock *l) {
+    for (unsigned round = 0;; round++) {
+        if (round < 6) {
+            for (unsigned k = 0; k < (4u << round); k++) CONC__PAUSE();
+        } else {
+            sched_yield();
+        }
+        if (atomic_load_explicit(&l->held, CONC__RELAXED) == 0 &&
+            atomic_exchange_explicit(&l->held, 1, CONC__ACQUIRE) == 0)
+            return;
+    }
+}
+static inline void conc__spin_lock(conc__spinlock *l) {
+    if (CONC__ON_VALGRIND()) {
+#ifdef CONC_VALGRIND
+        pthread_mutex_lock(&l->vg);
+#endif
+        return;
+    }
+    if (atomic_exchange_explicit(&l->held, 1, CONC__ACQUIRE) != 0) conc__spin_lock_slow(l);
+}
+static inline void conc__spin_unlock(conc__spinlock *l) {
+    if (CONC__ON_VALGRIND()) {
+#ifdef CONC_VALGRIND
+        pthread_mutex_unlock(&l->vg);
+#endif
+        return;
+    }
+    atomic_store_explicit(&l->held, 0, CONC__RELEASE);
+}
+
 static int conc__ncpu(void) {
     static _Atomic int n;
     int k = atomic_load_explicit(&n, CONC__RELAXED);
@@ -552,13 +611,17 @@ static int conc__ncpu(void) {
    - A claimed call cannot return before it is woken, so the claimer may touch the waiter
      after it has dropped the queue's lock, up to the wake.
    - Parking: park goes WAITING -> DONE (the waker's CAS, while the owner spins) or
-     WAITING -> SLEEPING (the owner, under its thread's parker mutex) -> DONE (the waker,
-     under that mutex, with a signal). The waker touches the parker only if it saw
-     SLEEPING, and then the owner cannot leave before the waker unlocks. */
+     WAITING -> the address of the owner's parker, i.e. sleeping (the owner, under that
+     parker's mutex) -> DONE (the waker, under that mutex, with a signal). The waker
+     touches the parker only if it found its address there, and then the owner cannot
+     leave before the waker unlocks.
+   - Layout: a single send/receive's waiter and the hot words of its sel fill exactly one
+     cache line, which is all a completer touches of the blocked call besides its element. */
 
 #define CONC__UNFIRED INT_MIN
 #define CONC__OWN_CTX (-1)
-enum { CONC__PARK_WAITING = 0, CONC__PARK_SLEEPING = 1, CONC__PARK_DONE = 2 };
+#define CONC__PARK_WAITING ((uintptr_t)0)
+#define CONC__PARK_DONE ((uintptr_t)1) /* any other value: the sleeping owner's conc__parker */
 
 /* Each thread sleeps on its own mutex and condition variable, made once, never freed. */
 typedef struct conc__parker {
@@ -568,10 +631,9 @@ typedef struct conc__parker {
 static _Thread_local conc__parker conc__self_parker = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
 typedef struct conc__sel {
-    _Atomic int fired;     /* CONC__UNFIRED, then the index of the completing case (CAS) */
-    int status;            /* written by the claimer before the wake */
-    _Atomic int park;      /* CONC__PARK_*: see above */
-    conc__parker *parker;  /* the owner's; set before park becomes SLEEPING */
+    _Atomic int fired;        /* CONC__UNFIRED, then the index of the completing case (CAS) */
+    int status;               /* written by the claimer before the wake */
+    _Atomic uintptr_t park;   /* WAITING, DONE, or the sleeping owner's conc__parker */
 } conc__sel;
 
 typedef struct conc__waiter {
@@ -580,7 +642,9 @@ typedef struct conc__waiter {
     void *elem;                       /* send: the value; receive: destination or NULL */
     int case_index;                   /* what sel.fired becomes if this waiter completes it */
     bool queued;                      /* (queue's lock) */
+    int64_t since;                    /* channel waiters: when it queued (wait statistics) */
 } conc__waiter;
+_Static_assert(sizeof(conc__waiter) + sizeof(conc__sel) <= 64, "a blocked call's waiter and sel share one cache line");
 
 typedef struct conc__wq {
     conc__waiter *head, *tail;
@@ -614,7 +678,7 @@ static void conc__sel_init(conc__sel *s) {
 
 static void conc__sel_fini(conc__sel *s) {
     CONC__HB_FORGET(s);
-    CONC__HB_FORGET(&s->parker);
+    CONC__HB_FORGET(&s->park);
     CONC__CHECKED(&s->fired);
     CONC__CHECKED(&s->park);
     (void)s;
@@ -637,12 +701,12 @@ static conc__waiter *conc__wq_claim(conc__wq *q) {
 
 /* Wakes the owner of a claimed sel. The owner may return the moment park reads DONE. */
 static void conc__sel_wake(conc__sel *s) {
-    int expect = CONC__PARK_WAITING;
+    uintptr_t expect = CONC__PARK_WAITING;
     CONC__HB_BEFORE(s);
     if (atomic_compare_exchange_strong_explicit(&s->park, &expect, CONC__PARK_DONE, CONC__RELEASE, CONC__ACQUIRE)) return;
-    CONC_ASSERT(expect == CONC__PARK_SLEEPING);
-    CONC__HB_AFTER(&s->parker);
-    conc__parker *p = s->parker;
+    CONC_ASSERT(expect != CONC__PARK_DONE);
+    CONC__HB_AFTER(&s->park);
+    conc__parker *p = (conc__parker *)expect;
     CONC__LOCK(&p->mu);
     {
         atomic_store_explicit(&s->park, CONC__PARK_DONE, CONC__RELEASE);
@@ -679,73 +743,44 @@ static void conc__wake_list(conc__waiter *w) {
 #define CONC__SPIN_PAUSES 128
 #define CONC__SPIN_MIN_NS (CONC_SPIN_NS / 8)
 static _Thread_local int64_t conc__spin_budget = CONC_SPIN_NS;
-static _Atomic int64_t conc__pause_ns_x16; /* calibrated cost of one pause, x16 */
-
-static int64_t conc__pause_cost_x16(void) {
-    int64_t c = atomic_load_explicit(&conc__pause_ns_x16, CONC__RELAXED);
-    if (c == 0) {
-        int64_t t0 = conc_now();
-        for (int i = 0; i < 256; i++) CONC__PAUSE();
-        c = (conc_now() - t0) / 16;
-        if (c < 1) c = 1;
-        atomic_store_explicit(&conc__pause_ns_x16, c, CONC__RELAXED);
-    }
-    return c;
-}
-
 static bool conc__sel_is_done(conc__sel *s) {
     return atomic_load_explicit(&s->park, CONC__ACQUIRE) == CONC__PARK_DONE;
 }
 
-/* Blocks until the sel is DONE. Returns about how long it waited, in ns (for statistics:
-   a wait that ends in the pause phase is estimated from its count, as a clock read costs
-   more than such a hand-off). */
-static int64_t conc__sel_park(conc__sel *s) {
-    int64_t waited = 0, t0 = 0;
+/* Blocks until the sel is DONE. */
+static void conc__sel_park(conc__sel *s) {
     if (conc__sel_is_done(s)) goto done;
 #if CONC_SPIN_NS > 0
     if (!CONC__ON_VALGRIND() && conc__ncpu() > 1) {
-        int64_t per16 = conc__pause_cost_x16();
         for (int i = 0; i < CONC__SPIN_PAUSES; i++) {
-            if (conc__sel_is_done(s)) {
-                waited = (i * per16) / 16;
-                goto done;
-            }
+            if (conc__sel_is_done(s)) goto done;
             CONC__PAUSE();
         }
         /* the budget bounds the yield phase only; it never drops so low that a peer
            sharing our vCPU gets no chance to run before we sleep */
-        int64_t budget = conc__spin_budget, now = conc_now();
-        int64_t y0 = now;
-        t0 = now - (CONC__SPIN_PAUSES * per16) / 16;
+        int64_t budget = conc__spin_budget, t0 = conc_now();
         do {
             sched_yield();
-            now = conc_now();
             if (conc__sel_is_done(s)) {
                 conc__spin_budget = budget * 2 < CONC_SPIN_NS ? budget * 2 : CONC_SPIN_NS;
-                waited = now - t0;
                 goto done;
             }
-        } while (now - y0 < budget);
+        } while (conc_now() - t0 < budget);
         if (budget > CONC__SPIN_MIN_NS) conc__spin_budget = budget / 2;
     }
 #endif
-    if (t0 == 0) t0 = conc_now();
     conc__parker *p = &conc__self_parker;
-    s->parker = p;
-    CONC__HB_BEFORE(&s->parker); /* published by the CAS to SLEEPING */
+    CONC__HB_BEFORE(&s->park); /* the parker is published by the CAS below */
     CONC__LOCK(&p->mu);
     {
-        int expect = CONC__PARK_WAITING;
-        if (atomic_compare_exchange_strong_explicit(&s->park, &expect, CONC__PARK_SLEEPING, CONC__ACQ_REL, CONC__ACQUIRE)) {
+        uintptr_t expect = CONC__PARK_WAITING;
+        if (atomic_compare_exchange_strong_explicit(&s->park, &expect, (uintptr_t)p, CONC__ACQ_REL, CONC__ACQUIRE)) {
             while (atomic_load_explicit(&s->park, CONC__ACQUIRE) != CONC__PARK_DONE) pthread_cond_wait(&p->cv, &p->mu);
         }
     }
     CONC__UNLOCK(&p->mu);
-    waited = conc_now() - t0;
 done:
     CONC__HB_AFTER(s);
-    return waited > 0 ? waited : 1; /* it did wait, however briefly */
 }
 
 /* ======================================================================== */
@@ -1482,53 +1517,50 @@ CONC_API bool conc_after_func_stop(conc_after_func_t *af) {
    - Once closed, nothing queues; close completed every waiter with CONC_CLOSED.
    Lock order: timers.mu -> channels (by address, when a select holds several) -> ctx.mu. */
 
+/* Fields are grouped by who writes them, one cache line per group: a buffered send
+   writes the lock line and the senders' line, a buffered receive the lock line and the
+   receivers' line, so a producer and a consumer streaming through the buffer only pass
+   the lock line between them. */
 struct conc_chan {
-    pthread_mutex_t mu;
-    size_t elem_size, cap;          /* immutable */
-    unsigned char *buf;             /* immutable pointer; slots (mu) */
-    size_t head, count;             /* (mu) ring buffer */
-    bool closed;                    /* (mu) */
-    conc__wq sendq, recvq;          /* (mu) blocked senders / receivers, FIFO */
-    size_t high_water;              /* (mu) */
-    uint64_t sends, recvs;          /* (mu) */
-    uint64_t blocked_sends, blocked_recvs; /* (mu) */
-    _Atomic int64_t send_wait_ns, recv_wait_ns; /* added by each waiter as it leaves */
+    _Alignas(64) conc__spinlock mu;         /* the lock line: every operation */
+    size_t head, count;                     /* (mu) ring buffer */
+    bool closed;                            /* (mu) */
+    _Alignas(64) conc__wq sendq;            /* the senders' line: (mu) blocked senders, FIFO */
+    uint64_t sends, blocked_sends;          /* (mu) */
+    int64_t send_wait_ns;                   /* (mu) added by whoever completes or unlinks a waiter */
+    size_t high_water;                      /* (mu) */
+    _Alignas(64) conc__wq recvq;            /* the receivers' line: (mu) blocked receivers, FIFO */
+    uint64_t recvs, blocked_recvs;          /* (mu) */
+    int64_t recv_wait_ns;                   /* (mu) */
+    _Alignas(64) size_t elem_size, cap;     /* immutable: read by all, shared in every cache */
+    unsigned char *buf;                     /* slots (mu), right after this struct */
+    void *alloc;                            /* what CONC_MALLOC returned */
 };
 
 CONC_API conc_chan_t *conc_chan_new(size_t elem_size, size_t cap) {
-    if (cap && elem_size > SIZE_MAX / cap) return NULL;
-    conc_chan_t *ch = (conc_chan_t *)CONC_MALLOC(sizeof *ch);
-    if (!ch) return NULL;
+    if (cap && elem_size > (SIZE_MAX - sizeof(conc_chan_t) - 64) / cap) return NULL;
+    /* one block: the struct on a cache-line boundary, then the buffer */
+    void *alloc = CONC_MALLOC(sizeof(conc_chan_t) + 63 + cap * elem_size);
+    if (!alloc) return NULL;
+    conc_chan_t *ch = (conc_chan_t *)(void *)(((uintptr_t)alloc + 63) & ~(uintptr_t)63);
     memset(ch, 0, sizeof *ch);
-    if (cap && elem_size) {
-        ch->buf = (unsigned char *)CONC_MALLOC(cap * elem_size);
-        if (!ch->buf) {
-            CONC_FREE(ch);
-            return NULL;
-        }
-    }
-    conc__mutex_init(&ch->mu);
+    ch->alloc = alloc;
+    if (cap && elem_size) ch->buf = (unsigned char *)(ch + 1);
+    conc__spin_init(&ch->mu);
     ch->elem_size = elem_size;
     ch->cap = cap;
-    CONC__UNCHECKED(&ch->send_wait_ns);
-    CONC__UNCHECKED(&ch->recv_wait_ns);
-    atomic_init(&ch->send_wait_ns, 0);
-    atomic_init(&ch->recv_wait_ns, 0);
     return ch;
 }
 
 CONC_API int conc_chan_free(conc_chan_t *ch) {
     if (!ch) return 0;
     int busy;
-    CONC__LOCK(&ch->mu);
+    conc__spin_lock(&ch->mu);
     busy = ch->sendq.head != NULL || ch->recvq.head != NULL;
-    CONC__UNLOCK(&ch->mu);
+    conc__spin_unlock(&ch->mu);
     if (busy) return CONC_BUSY;
-    pthread_mutex_destroy(&ch->mu);
-    CONC__CHECKED(&ch->send_wait_ns);
-    CONC__CHECKED(&ch->recv_wait_ns);
-    CONC_FREE(ch->buf);
-    CONC_FREE(ch);
+    conc__spin_destroy(&ch->mu);
+    CONC_FREE(ch->alloc);
     return 0;
 }
 
@@ -1552,6 +1584,7 @@ static int conc__send_locked(conc_chan_t *ch, const void *elem, conc__waiter **w
         r->sel->status = 0;
         ch->sends++;
         ch->recvs++;
+        ch->recv_wait_ns += conc_now() - r->since;
         *wake = r;
         return 0;
     }
@@ -1576,6 +1609,7 @@ static int conc__recv_locked(conc_chan_t *ch, void *elem, conc__waiter **wake) {
             conc__copy(conc__slot(ch, ch->count), s->elem, ch->elem_size);
             ch->count++;
             ch->sends++;
+            ch->send_wait_ns += conc_now() - s->since;
             s->sel->status = 0;
             *wake = s;
         }
@@ -1587,6 +1621,7 @@ static int conc__recv_locked(conc_chan_t *ch, void *elem, conc__waiter **wake) {
         s->sel->status = 0;
         ch->sends++;
         ch->recvs++;
+        ch->send_wait_ns += conc_now() - s->since;
         *wake = s;
         return 0;
     }
@@ -1612,7 +1647,7 @@ static int conc__chan_block(conc_chan_t *ch, bool is_send, void *elem, conc_ctx_
     if (reg) {
         int e = conc__ctx_register(ctx, &cw, &op.s, CONC__OWN_CTX);
         if (e) {
-            CONC__UNLOCK(&ch->mu);
+            conc__spin_unlock(&ch->mu);
             conc__sel_fini(&op.s);
             return e;
         }
@@ -1620,20 +1655,23 @@ static int conc__chan_block(conc_chan_t *ch, bool is_send, void *elem, conc_ctx_
     op.w.sel = &op.s;
     op.w.elem = elem;
     op.w.case_index = 0;
+    op.w.since = conc_now();
     conc__wq_push(q, &op.w);
     if (is_send) ch->blocked_sends++;
     else ch->blocked_recvs++;
-    CONC__UNLOCK(&ch->mu);
+    conc__spin_unlock(&ch->mu);
 
-    int64_t waited = conc__sel_park(&op.s);
+    conc__sel_park(&op.s);
     if (atomic_load_explicit(&op.s.fired, CONC__RELAXED) == CONC__OWN_CTX) {
-        CONC__LOCK(&ch->mu);
-        if (op.w.queued) conc__wq_remove(q, &op.w);
-        CONC__UNLOCK(&ch->mu);
+        conc__spin_lock(&ch->mu);
+        {
+            if (op.w.queued) conc__wq_remove(q, &op.w);
+            *(is_send ? &ch->send_wait_ns : &ch->recv_wait_ns) += conc_now() - op.w.since;
+        }
+        conc__spin_unlock(&ch->mu);
     } else if (reg) {
         conc__ctx_unregister(ctx, &cw);
     }
-    atomic_fetch_add_explicit(is_send ? &ch->send_wait_ns : &ch->recv_wait_ns, waited, CONC__RELAXED);
     conc__sel_fini(&op.s);
     return op.s.status;
 }
@@ -1641,10 +1679,10 @@ static int conc__chan_block(conc_chan_t *ch, bool is_send, void *elem, conc_ctx_
 static int conc__chan_send(conc_chan_t *ch, const void *elem, conc_ctx_t *ctx, bool block) {
     conc__waiter *wake = NULL;
     if (!ch || (!elem && ch->elem_size)) return CONC_INVALID;
-    CONC__LOCK(&ch->mu);
+    conc__spin_lock(&ch->mu);
     int rc = conc__send_locked(ch, elem, &wake);
     if (rc == CONC_WOULD_BLOCK && block) return conc__chan_block(ch, true, (void *)elem, ctx);
-    CONC__UNLOCK(&ch->mu);
+    conc__spin_unlock(&ch->mu);
     if (wake) conc__sel_wake(wake->sel);
     return rc;
 }
@@ -1652,10 +1690,10 @@ static int conc__chan_send(conc_chan_t *ch, const void *elem, conc_ctx_t *ctx, b
 static int conc__chan_recv(conc_chan_t *ch, void *elem, conc_ctx_t *ctx, bool block) {
     conc__waiter *wake = NULL;
     if (!ch) return CONC_INVALID;
-    CONC__LOCK(&ch->mu);
+    conc__spin_lock(&ch->mu);
     int rc = conc__recv_locked(ch, elem, &wake);
     if (rc == CONC_WOULD_BLOCK && block) return conc__chan_block(ch, false, elem, ctx);
-    CONC__UNLOCK(&ch->mu);
+    conc__spin_unlock(&ch->mu);
     if (wake) conc__sel_wake(wake->sel);
     return rc;
 }
@@ -1676,24 +1714,27 @@ CONC_API int conc_chan_try_recv(conc_chan_t *ch, void *elem) {
 CONC_API int conc_chan_close(conc_chan_t *ch) {
     conc__waiter *wake = NULL, *w;
     if (!ch) return CONC_INVALID;
-    CONC__LOCK(&ch->mu);
+    conc__spin_lock(&ch->mu);
     if (ch->closed) {
-        CONC__UNLOCK(&ch->mu);
+        conc__spin_unlock(&ch->mu);
         return CONC_CLOSED;
     }
     ch->closed = true;
+    int64_t now = conc_now();
     while ((w = conc__wq_claim(&ch->recvq)) != NULL) {
         if (w->elem && ch->elem_size) memset(w->elem, 0, ch->elem_size);
         w->sel->status = CONC_CLOSED;
+        ch->recv_wait_ns += now - w->since;
         w->next = wake;
         wake = w;
     }
     while ((w = conc__wq_claim(&ch->sendq)) != NULL) {
         w->sel->status = CONC_CLOSED;
+        ch->send_wait_ns += now - w->since;
         w->next = wake;
         wake = w;
     }
-    CONC__UNLOCK(&ch->mu);
+    conc__spin_unlock(&ch->mu);
     conc__wake_list(wake);
     return 0;
 }
@@ -1701,9 +1742,9 @@ CONC_API int conc_chan_close(conc_chan_t *ch) {
 CONC_API size_t conc_chan_len(conc_chan_t *ch) {
     size_t n;
     if (!ch) return 0;
-    CONC__LOCK(&ch->mu);
+    conc__spin_lock(&ch->mu);
     n = ch->count;
-    CONC__UNLOCK(&ch->mu);
+    conc__spin_unlock(&ch->mu);
     return n;
 }
 
@@ -1714,17 +1755,17 @@ CONC_API void conc_chan_stats_get(conc_chan_t *ch, conc_chan_stats *out) {
     if (!out) return;
     memset(out, 0, sizeof *out);
     if (!ch) return;
-    CONC__LOCK(&ch->mu);
+    conc__spin_lock(&ch->mu);
     {
         out->high_water = ch->high_water;
         out->sends = ch->sends;
         out->recvs = ch->recvs;
         out->blocked_sends = ch->blocked_sends;
         out->blocked_recvs = ch->blocked_recvs;
+        out->send_wait_ns = ch->send_wait_ns;
+        out->recv_wait_ns = ch->recv_wait_ns;
     }
-    CONC__UNLOCK(&ch->mu);
-    out->send_wait_ns = atomic_load_explicit(&ch->send_wait_ns, CONC__RELAXED);
-    out->recv_wait_ns = atomic_load_explicit(&ch->recv_wait_ns, CONC__RELAXED);
+    conc__spin_unlock(&ch->mu);
 }
 
 /* ======================================================================== */
@@ -1744,7 +1785,7 @@ static void conc__select_lock(conc_case *cases, const uint16_t *lockorder, size_
     conc_chan_t *last = NULL;
     for (size_t k = 0; k < nlock; k++) {
         conc_chan_t *ch = cases[lockorder[k]].ch;
-        if (ch != last) CONC__LOCK(&ch->mu);
+        if (ch != last) conc__spin_lock(&ch->mu);
         last = ch;
     }
 }
@@ -1752,7 +1793,7 @@ static void conc__select_lock(conc_case *cases, const uint16_t *lockorder, size_
 static void conc__select_unlock(conc_case *cases, const uint16_t *lockorder, size_t nlock) {
     for (size_t k = nlock; k-- > 0;) {
         conc_chan_t *ch = cases[lockorder[k]].ch;
-        if (k == 0 || cases[lockorder[k - 1]].ch != ch) CONC__UNLOCK(&ch->mu);
+        if (k == 0 || cases[lockorder[k - 1]].ch != ch) conc__spin_unlock(&ch->mu);
     }
 }
 
@@ -1813,10 +1854,10 @@ static int conc__select(conc_case *cases, size_t n, conc_ctx_t *ctx, bool block)
             } else if (!c->ch) {
                 continue;
             } else {
-                if (pass == 1) CONC__LOCK(&c->ch->mu);
+                if (pass == 1) conc__spin_lock(&c->ch->mu);
                 st = c->kind == CONC_CASE_SEND ? conc__send_locked(c->ch, c->elem, &wake)
                                                : conc__recv_locked(c->ch, c->elem, &wake);
-                if (pass == 1) CONC__UNLOCK(&c->ch->mu);
+                if (pass == 1) conc__spin_unlock(&c->ch->mu);
                 if (st == CONC_WOULD_BLOCK) continue;
             }
             if (pass == 2) conc__select_unlock(cases, lockorder, nlock);
@@ -1836,6 +1877,7 @@ static int conc__select(conc_case *cases, size_t n, conc_ctx_t *ctx, bool block)
         conc__sel s;
         conc__waiter own;
         bool own_reg = false;
+        int64_t now = conc_now();
         conc__sel_init(&s);
         /* queue everywhere, in the random order; a context found ended completes at once */
         for (size_t k = 0; k < n; k++) {
@@ -1853,6 +1895,7 @@ static int conc__select(conc_case *cases, size_t n, conc_ctx_t *ctx, bool block)
                 w[i].sel = &s;
                 w[i].elem = c->elem;
                 w[i].case_index = (int)i;
+                w[i].since = now;
                 if (c->kind == CONC_CASE_SEND) {
                     conc__wq_push(&c->ch->sendq, &w[i]);
                     c->ch->blocked_sends++;
@@ -1869,7 +1912,7 @@ static int conc__select(conc_case *cases, size_t n, conc_ctx_t *ctx, bool block)
         }
         conc__select_unlock(cases, lockorder, nlock);
 
-        int64_t waited = conc__sel_park(&s);
+        conc__sel_park(&s);
         int fired = atomic_load_explicit(&s.fired, CONC__RELAXED);
         for (size_t i = 0; i < n; i++) {
             conc_case *c = &cases[i];
@@ -1878,14 +1921,13 @@ static int conc__select(conc_case *cases, size_t n, conc_ctx_t *ctx, bool block)
                 if ((int)i != fired) conc__ctx_unregister(c->ctx, &w[i]);
                 continue;
             }
-            if ((int)i == fired) {
-                atomic_fetch_add_explicit(c->kind == CONC_CASE_SEND ? &c->ch->send_wait_ns : &c->ch->recv_wait_ns,
-                                          waited, CONC__RELAXED);
-                continue;
+            if ((int)i == fired) continue; /* its completer unlinked it and counted its wait */
+            conc__spin_lock(&c->ch->mu);
+            {
+                if (w[i].queued) conc__wq_remove(c->kind == CONC_CASE_SEND ? &c->ch->sendq : &c->ch->recvq, &w[i]);
+                *(c->kind == CONC_CASE_SEND ? &c->ch->send_wait_ns : &c->ch->recv_wait_ns) += conc_now() - now;
             }
-            CONC__LOCK(&c->ch->mu);
-            if (w[i].queued) conc__wq_remove(c->kind == CONC_CASE_SEND ? &c->ch->sendq : &c->ch->recvq, &w[i]);
-            CONC__UNLOCK(&c->ch->mu);
+            conc__spin_unlock(&c->ch->mu);
         }
         if (own_reg && fired != CONC__OWN_CTX) conc__ctx_unregister(ctx, &own);
         conc__sel_fini(&s);
