@@ -535,19 +535,23 @@ static void conc__mutex_init(pthread_mutex_t *m) {
 typedef struct conc__spinlock {
     _Atomic int held;
 #ifdef CONC_VALGRIND
-    pthread_mutex_t vg; /* used instead when running under Valgrind */
+    pthread_mutex_t *vg; /* used instead when running under Valgrind (kept off the hot line) */
 #endif
 } conc__spinlock;
 
-static void conc__spin_init(conc__spinlock *l) {
+static int conc__spin_init(conc__spinlock *l) {
     atomic_init(&l->held, 0);
 #ifdef CONC_VALGRIND
-    conc__mutex_init(&l->vg);
+    l->vg = (pthread_mutex_t *)CONC_MALLOC(sizeof *l->vg);
+    if (!l->vg) return CONC_NOMEM;
+    conc__mutex_init(l->vg);
 #endif
+    return 0;
 }
 static void conc__spin_destroy(conc__spinlock *l) {
 #ifdef CONC_VALGRIND
-    pthread_mutex_destroy(&l->vg);
+    pthread_mutex_destroy(l->vg);
+    CONC_FREE(l->vg);
 #endif
     (void)l;
 }
@@ -566,7 +570,7 @@ static void conc__spin_lock_slow(conc__spinlock *l) {
 static inline void conc__spin_lock(conc__spinlock *l) {
     if (CONC__ON_VALGRIND()) {
 #ifdef CONC_VALGRIND
-        pthread_mutex_lock(&l->vg);
+        pthread_mutex_lock(l->vg);
 #endif
         return;
     }
@@ -575,7 +579,7 @@ static inline void conc__spin_lock(conc__spinlock *l) {
 static inline void conc__spin_unlock(conc__spinlock *l) {
     if (CONC__ON_VALGRIND()) {
 #ifdef CONC_VALGRIND
-        pthread_mutex_unlock(&l->vg);
+        pthread_mutex_unlock(l->vg);
 #endif
         return;
     }
@@ -1517,21 +1521,22 @@ CONC_API bool conc_after_func_stop(conc_after_func_t *af) {
    - Once closed, nothing queues; close completed every waiter with CONC_CLOSED.
    Lock order: timers.mu -> channels (by address, when a select holds several) -> ctx.mu. */
 
-/* Fields are grouped by who writes them, one cache line per group: a buffered send
-   writes the lock line and the senders' line, a buffered receive the lock line and the
-   receivers' line, so a producer and a consumer streaming through the buffer only pass
-   the lock line between them. */
+/* Fields are grouped by who writes them, one cache line per group. Everything an
+   operation must read before it knows what to do - the lock, the ring indices, closed,
+   both wait queues - shares the first line, so a hand-off misses on it once; a buffered
+   send then writes only the senders' line besides, a buffered receive the receivers'. */
 struct conc_chan {
-    _Alignas(64) conc__spinlock mu;         /* the lock line: every operation */
-    size_t head, count;                     /* (mu) ring buffer */
+    _Alignas(64) conc__spinlock mu;         /* the hot line: every operation */
     bool closed;                            /* (mu) */
-    _Alignas(64) conc__wq sendq;            /* the senders' line: (mu) blocked senders, FIFO */
-    uint64_t sends, blocked_sends;          /* (mu) */
-    int64_t send_wait_ns;                   /* (mu) added by whoever completes or unlinks a waiter */
-    size_t high_water;                      /* (mu) */
-    _Alignas(64) conc__wq recvq;            /* the receivers' line: (mu) blocked receivers, FIFO */
-    uint64_t recvs, blocked_recvs;          /* (mu) */
-    int64_t recv_wait_ns;                   /* (mu) */
+    size_t head, count;                     /* (mu) ring buffer */
+    conc__wq sendq, recvq;                  /* (mu) blocked senders / receivers, FIFO */
+    _Alignas(64) uint64_t sends;            /* the senders' line, all (mu) */
+    uint64_t blocked_sends;
+    int64_t send_wait_ns;                   /* added by whoever completes or unlinks a waiter */
+    size_t high_water;
+    _Alignas(64) uint64_t recvs;            /* the receivers' line, all (mu) */
+    uint64_t blocked_recvs;
+    int64_t recv_wait_ns;
     _Alignas(64) size_t elem_size, cap;     /* immutable: read by all, shared in every cache */
     unsigned char *buf;                     /* slots (mu), right after this struct */
     void *alloc;                            /* what CONC_MALLOC returned */
@@ -1546,7 +1551,10 @@ CONC_API conc_chan_t *conc_chan_new(size_t elem_size, size_t cap) {
     memset(ch, 0, sizeof *ch);
     ch->alloc = alloc;
     if (cap && elem_size) ch->buf = (unsigned char *)(ch + 1);
-    conc__spin_init(&ch->mu);
+    if (conc__spin_init(&ch->mu) != 0) {
+        CONC_FREE(alloc);
+        return NULL;
+    }
     ch->elem_size = elem_size;
     ch->cap = cap;
     return ch;
