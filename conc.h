@@ -37,8 +37,9 @@ COMPILE-TIME OPTIONS
    #define CONC_ASSERT(c)         (set where the implementation is compiled) internal
                                   invariant checks; default assert() from <assert.h>.
    #define CONC_SPIN_NS n         (set where the implementation is compiled) the longest a
-                                  blocked thread spins before it sleeps, in ns; default
-                                  20000. 0 disables spinning.
+                                  blocked thread keeps checking between sched_yield()s
+                                  before it sleeps, in ns; default 20000. 0: no spinning
+                                  or yielding, sleep at once.
    #define CONC_VALGRIND          (set where the implementation is compiled) annotate the
                                   happens-before edges carried by C11 atomics for Helgrind
                                   (needs <valgrind/helgrind.h>; costs nothing outside
@@ -134,9 +135,13 @@ TIMERS  (>>timer)
 THREAD SAFETY AND BLOCKING
 
    Every function may be called from any thread at the same time, except the _free and
-   _release functions, which must be the last use of their object. Blocked calls park on
-   a per-call condition variable after a short adaptive spin (never while more threads
-   spin than there are spare cores); a blocked thread costs no CPU.
+   _release functions, which must be the last use of their object (free a channel only
+   after every call on it has returned). A blocked call spins with `pause` for a couple
+   of microseconds, then checks between sched_yield()s for up to CONC_SPIN_NS (adapted
+   per thread: halved after waits that outlast it), then sleeps on its thread's condition
+   variable: a thread blocked for long costs no CPU, and a yielding waiter hands its core
+   to whichever thread can run. Channel locks are spinlocks held for a few dozen
+   instructions, with the same pause-then-yield backoff.
    fork(): only the forking thread survives in the child; conc.h's locks may be held there.
    The child may only call async-signal-safe functions or exec.
 
@@ -355,7 +360,8 @@ CONC_API int conc_sleep(int64_t duration_ns, conc_ctx_t *ctx);
                               blocked on ch. NULL is a no-op (0).
    conc_chan_send(ch, &v, ctx)   Blocks: while the buffer is full / until a receiver takes
                               v (cap 0). Returns: 0 (sent, exactly once), CONC_CLOSED, the
-                              ctx's err, CONC_INVALID (ch NULL).
+                              ctx's err, CONC_INVALID (ch NULL, or v NULL with elem_size >
+                              0).
    conc_chan_recv(ch, &v, ctx)   Blocks: until a value comes. v may be NULL (discard).
                               Returns: 0, CONC_CLOSED (closed and drained; v zeroed), the
                               ctx's err, CONC_INVALID.
@@ -372,7 +378,8 @@ CONC_API int conc_sleep(int64_t duration_ns, conc_ctx_t *ctx);
                               of the case performed (cases[i].status says how), the ctx's
                               err, or CONC_INVALID (n == 0 with no ctx that can end, bad
                               kind), CONC_NOMEM (n > 16 and no memory for the waiters).
-   conc_try_select(cases, n)  Never blocks. Returns an index, or CONC_WOULD_BLOCK.
+   conc_try_select(cases, n)  Never blocks. Returns an index, CONC_WOULD_BLOCK, or as
+                              conc_select CONC_INVALID / CONC_NOMEM.
 
    ---- >>timer
    conc_timer_after(d)        One value after d ns. Returns NULL when out of memory.
