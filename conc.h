@@ -1535,7 +1535,8 @@ CONC_API bool conc_after_func_stop(conc_after_func_t *af) {
 struct conc_chan {
     _Alignas(64) conc__spinlock mu;         /* the hot line: every operation */
     bool closed;                            /* (mu) */
-    size_t head, count;                     /* (mu) ring buffer */
+    size_t head;                            /* (mu) ring buffer */
+    _Atomic size_t count;                   /* written under mu; read without it to poll */
     conc__wq sendq, recvq;                  /* (mu) blocked senders / receivers, FIFO */
     _Alignas(64) uint64_t sends;            /* the senders' line, all (mu) */
     uint64_t blocked_sends;
@@ -1579,6 +1580,29 @@ CONC_API int conc_chan_free(conc_chan_t *ch) {
     return 0;
 }
 
+static size_t conc__count(conc_chan_t *ch) { return atomic_load_explicit(&ch->count, CONC__RELAXED); }
+static void conc__count_set(conc_chan_t *ch, size_t n) { atomic_store_explicit(&ch->count, n, CONC__RELAXED); }
+
+/* Before a buffered send queues itself on a full buffer (or a receive on an empty one), it
+   watches the count without the lock for the pause phase: a peer streaming on the other
+   side usually makes room within a few hundred ns, and taking it then costs a lock
+   instead of a waiter hand-off and a wake. No queued waiter is overtaken: a receive that
+   frees a slot moves the first queued sender's value into it before unlocking, so the
+   count a watcher sees changes only when nobody is queued. */
+static bool conc__chan_may_watch(const conc_chan_t *ch) {
+    /* with one slot, the hand-off (a receive refills the slot from the queued sender in
+       the same critical section) beats watching */
+    return CONC_SPIN_NS > 0 && ch->cap > 1 && !CONC__ON_VALGRIND() && conc__ncpu() > 1;
+}
+
+static void conc__chan_watch(conc_chan_t *ch, bool for_room) {
+    for (int i = 0; i < CONC__SPIN_PAUSES; i++) {
+        size_t n = conc__count(ch);
+        if (for_room ? n < ch->cap : n > 0) return;
+        CONC__PAUSE();
+    }
+}
+
 static void conc__copy(void *dst, const void *src, size_t n) {
     if (n && dst) memcpy(dst, src, n);
 }
@@ -1603,9 +1627,11 @@ static int conc__send_locked(conc_chan_t *ch, const void *elem, conc__waiter **w
         *wake = r;
         return 0;
     }
-    if (ch->count < ch->cap) {
-        conc__copy(conc__slot(ch, ch->count), elem, ch->elem_size);
-        if (++ch->count > ch->high_water) ch->high_water = ch->count;
+    size_t n = conc__count(ch);
+    if (n < ch->cap) {
+        conc__copy(conc__slot(ch, n), elem, ch->elem_size);
+        conc__count_set(ch, ++n);
+        if (n > ch->high_water) ch->high_water = n;
         ch->sends++;
         return 0;
     }
@@ -1614,15 +1640,16 @@ static int conc__send_locked(conc_chan_t *ch, const void *elem, conc__waiter **w
 
 /* ch->mu held. As conc__send_locked, for a receive. */
 static int conc__recv_locked(conc_chan_t *ch, void *elem, conc__waiter **wake) {
-    if (ch->count > 0) {
+    size_t n = conc__count(ch);
+    if (n > 0) {
         conc__copy(elem, conc__slot(ch, 0), ch->elem_size);
         if (++ch->head == ch->cap) ch->head = 0;
-        ch->count--;
+        conc__count_set(ch, --n);
         ch->recvs++;
         conc__waiter *s = conc__wq_claim(&ch->sendq); /* its value takes the freed slot */
         if (s) {
-            conc__copy(conc__slot(ch, ch->count), s->elem, ch->elem_size);
-            ch->count++;
+            conc__copy(conc__slot(ch, n), s->elem, ch->elem_size);
+            conc__count_set(ch, n + 1);
             ch->sends++;
             ch->send_wait_ns += conc_now() - s->since;
             s->sel->status = 0;
@@ -1693,10 +1720,16 @@ static int conc__chan_block(conc_chan_t *ch, bool is_send, void *elem, conc_ctx_
 
 static int conc__chan_send(conc_chan_t *ch, const void *elem, conc_ctx_t *ctx, bool block) {
     conc__waiter *wake = NULL;
+    int rc;
     if (!ch || (!elem && ch->elem_size)) return CONC_INVALID;
-    conc__spin_lock(&ch->mu);
-    int rc = conc__send_locked(ch, elem, &wake);
-    if (rc == CONC_WOULD_BLOCK && block) return conc__chan_block(ch, true, (void *)elem, ctx);
+    for (bool watched = false;; watched = true) {
+        conc__spin_lock(&ch->mu);
+        rc = conc__send_locked(ch, elem, &wake);
+        if (rc != CONC_WOULD_BLOCK || !block) break;
+        if (watched || ch->sendq.head || !conc__chan_may_watch(ch)) return conc__chan_block(ch, true, (void *)elem, ctx);
+        conc__spin_unlock(&ch->mu);
+        conc__chan_watch(ch, true);
+    }
     conc__spin_unlock(&ch->mu);
     if (wake) conc__sel_wake(wake->sel);
     return rc;
@@ -1704,10 +1737,16 @@ static int conc__chan_send(conc_chan_t *ch, const void *elem, conc_ctx_t *ctx, b
 
 static int conc__chan_recv(conc_chan_t *ch, void *elem, conc_ctx_t *ctx, bool block) {
     conc__waiter *wake = NULL;
+    int rc;
     if (!ch) return CONC_INVALID;
-    conc__spin_lock(&ch->mu);
-    int rc = conc__recv_locked(ch, elem, &wake);
-    if (rc == CONC_WOULD_BLOCK && block) return conc__chan_block(ch, false, elem, ctx);
+    for (bool watched = false;; watched = true) {
+        conc__spin_lock(&ch->mu);
+        rc = conc__recv_locked(ch, elem, &wake);
+        if (rc != CONC_WOULD_BLOCK || !block) break;
+        if (watched || ch->recvq.head || !conc__chan_may_watch(ch)) return conc__chan_block(ch, false, elem, ctx);
+        conc__spin_unlock(&ch->mu);
+        conc__chan_watch(ch, false);
+    }
     conc__spin_unlock(&ch->mu);
     if (wake) conc__sel_wake(wake->sel);
     return rc;
@@ -1758,7 +1797,7 @@ CONC_API size_t conc_chan_len(conc_chan_t *ch) {
     size_t n;
     if (!ch) return 0;
     conc__spin_lock(&ch->mu);
-    n = ch->count;
+    n = conc__count(ch);
     conc__spin_unlock(&ch->mu);
     return n;
 }
