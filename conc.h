@@ -1596,10 +1596,11 @@ static bool conc__chan_may_watch(const conc_chan_t *ch) {
 }
 
 static void conc__chan_watch(conc_chan_t *ch, bool for_room) {
-    for (int i = 0; i < CONC__SPIN_PAUSES; i++) {
+    /* polls with growing gaps: each poll pulls the hot line away from the peer */
+    for (int spent = 0, gap = 1; spent < CONC__SPIN_PAUSES; spent += gap, gap = gap < 16 ? gap * 2 : gap) {
         size_t n = conc__count(ch);
         if (for_room ? n < ch->cap : n > 0) return;
-        CONC__PAUSE();
+        for (int k = 0; k < gap; k++) CONC__PAUSE();
     }
 }
 
