@@ -128,6 +128,37 @@ SELECT  (>>select)
      closed channel, which Go would panic on), or the context's err for CONC_DONE.
    - The same channel may appear in several cases, also as send and receive at once.
 
+WAIT GROUPS  (>>wg)
+
+   A wait group counts outstanding work, as Go's sync.WaitGroup: conc_wg_add(wg, n) before
+   starting n jobs, conc_wg_done(wg) as each finishes, conc_wg_wait(wg, ctx) to block until
+   the count is 0. Unlike Go:
+   - a wait takes a context, and returns its err if it ends first;
+   - a counter that would go negative is refused with CONC_NEGATIVE_COUNT and left as it was
+     (Go panics); the wait group stays usable;
+   - a wait group may be reused at once: an add after the counter reached 0 starts a new
+     round even if waiters of the last round have not yet returned (Go panics there).
+   add and done are one atomic operation when nobody waits (a few ns); only the change to 0
+   with waiters takes the lock, and wakes every waiter.
+
+SEMAPHORES  (>>sem)
+
+   conc_sem_new(size) makes a weighted semaphore of size permits, as Go's
+   golang.org/x/sync/semaphore: conc_sem_acquire(sem, n, ctx) takes n at once,
+   conc_sem_release(sem, n) gives them back.
+   - FIFO: waiters are served in arrival order, and a request at the head that does not fit
+     holds back every request behind it, even those that would fit: a large request is never
+     starved by a stream of small ones.
+   - A waiter whose context ends gives up, returns the ctx's err and holds nothing; if it
+     was at the head, the ones behind it that now fit go ahead. If permits are granted to it
+     at the very moment its context ends, whichever came first wins: 0 means it holds the
+     permits, anything else that it holds none. No permit is ever lost or leaked.
+   - An acquire that can be granted at once is, even if its context has ended (as a channel
+     send that need not block; newer x/sync versions fail there instead).
+   - n > size returns CONC_INVALID at once (Go blocks until the context ends); a release of
+     more than is held returns CONC_OVER_RELEASE and changes nothing (Go panics).
+   - conc_sem_try_acquire fails while others wait, even if n would fit (Go's TryAcquire).
+
 TIMERS  (>>timer)
 
    conc_timer_after(d) and conc_timer_tick(period) give a timer whose channel
@@ -167,10 +198,12 @@ ERRORS
       CONC_INVALID            -6  an argument is invalid (NULL object, size mismatch, ...)
       CONC_BUSY               -7  the object is still in use (free with waiters)
       CONC_SYSTEM             -8  a system call failed (pthread_create, ...)
+      CONC_NEGATIVE_COUNT     -9  conc_wg_add would take the counter below 0 (Go panics)
+      CONC_OVER_RELEASE      -10  conc_sem_release of more than is held (Go panics)
 
 REVISION HISTORY
 
-   0.1.0  contexts, channels, select, timers.
+   0.1.0  contexts, channels, select, timers, wait groups, weighted semaphores.
 */
 #ifndef CONC_H_INCLUDED
 #define CONC_H_INCLUDED
@@ -210,13 +243,15 @@ extern "C" {
     X(CONC_NOMEM, -5, "out of memory")                           \
     X(CONC_INVALID, -6, "invalid argument")                      \
     X(CONC_BUSY, -7, "object still in use")                      \
-    X(CONC_SYSTEM, -8, "system call failed")
+    X(CONC_SYSTEM, -8, "system call failed")                     \
+    X(CONC_NEGATIVE_COUNT, -9, "wait group counter would go negative") \
+    X(CONC_OVER_RELEASE, -10, "release of more than was acquired")
 
 typedef enum conc_status {
 #define CONC__STATUS_ENUM(name, value, text) name = value,
     CONC__STATUS_LIST(CONC__STATUS_ENUM)
 #undef CONC__STATUS_ENUM
-    CONC__STATUS_MIN = -8
+    CONC__STATUS_MIN = -10
 } conc_status;
 
 CONC_API const char *conc_strerror(int status);
@@ -310,6 +345,26 @@ static inline conc_case conc_case_done(conc_ctx_t *ctx) {
 CONC_API int conc_select(conc_case *cases, size_t n, conc_ctx_t *ctx);
 CONC_API int conc_try_select(conc_case *cases, size_t n);
 
+/* ---- wait groups (>>wg) ---- */
+typedef struct conc_wg conc_wg_t;
+
+CONC_API conc_wg_t *conc_wg_new(void);
+CONC_API int conc_wg_free(conc_wg_t *wg);
+CONC_API int conc_wg_add(conc_wg_t *wg, int64_t delta);
+CONC_API int conc_wg_done(conc_wg_t *wg);
+CONC_API int conc_wg_wait(conc_wg_t *wg, conc_ctx_t *ctx);
+CONC_API int64_t conc_wg_count(conc_wg_t *wg);
+
+/* ---- semaphores (>>sem) ---- */
+typedef struct conc_sem conc_sem_t;
+
+CONC_API conc_sem_t *conc_sem_new(int64_t size);
+CONC_API int conc_sem_free(conc_sem_t *sem);
+CONC_API int conc_sem_acquire(conc_sem_t *sem, int64_t n, conc_ctx_t *ctx);
+CONC_API int conc_sem_try_acquire(conc_sem_t *sem, int64_t n);
+CONC_API int conc_sem_release(conc_sem_t *sem, int64_t n);
+CONC_API int64_t conc_sem_available(conc_sem_t *sem);
+
 /* ---- timers (>>timer) ---- */
 typedef struct conc_timer conc_timer_t;
 
@@ -387,6 +442,47 @@ CONC_API int conc_sleep(int64_t duration_ns, conc_ctx_t *ctx);
                               kind), CONC_NOMEM (n > 16 and no memory for the waiters).
    conc_try_select(cases, n)  Never blocks. Returns an index, CONC_WOULD_BLOCK, or as
                               conc_select CONC_INVALID / CONC_NOMEM.
+
+   ---- >>wg
+   conc_wg_new()              A wait group with counter 0. Returns NULL when out of memory.
+   conc_wg_free(wg)           Returns: 0, or CONC_BUSY (nothing freed) while threads are
+                              blocked in conc_wg_wait. NULL is a no-op (0). Free only after
+                              every call on wg has returned.
+   conc_wg_add(wg, delta)     Adds delta (may be negative) to the counter; when it reaches 0
+                              every blocked wait returns 0. Never blocks (takes the lock
+                              only to wake waiters). Returns: 0; CONC_NEGATIVE_COUNT if
+                              the counter would go below 0 (it is left unchanged);
+                              CONC_INVALID if wg is NULL or the counter would pass
+                              2^62 - 1. Thread safety: any thread, concurrently with
+                              every call but free.
+   conc_wg_done(wg)           conc_wg_add(wg, -1).
+   conc_wg_wait(wg, ctx)      Blocks: until the counter is 0 (returns at once if it is).
+                              Returns: 0; the ctx's err if ctx ends first (also if it had
+                              ended and the counter is not 0); CONC_INVALID (wg NULL).
+                              NULL ctx: never cancelled.
+   conc_wg_count(wg)          The counter now (0 for NULL); a snapshot, for tests and logs.
+
+   ---- >>sem
+   conc_sem_new(size)         A semaphore of size >= 0 permits, all available. Returns NULL
+                              when out of memory or size < 0.
+   conc_sem_free(sem)         Returns: 0, or CONC_BUSY (nothing freed) while threads are
+                              blocked in conc_sem_acquire. NULL is a no-op (0). Permits
+                              still held are not checked.
+   conc_sem_acquire(sem, n, ctx)  Blocks: until n permits are granted, in FIFO order (see
+                              SEMAPHORES). Returns: 0 (the caller holds n permits); the
+                              ctx's err if it ended first (holds none); CONC_INVALID (sem
+                              NULL, n < 0, or n > size: Go would block until ctx ends).
+                              n == 0 succeeds once no one waits ahead of it.
+   conc_sem_try_acquire(sem, n)  Never blocks. Returns: 0 (holds n); CONC_WOULD_BLOCK if
+                              fewer than n are available or others are waiting;
+                              CONC_INVALID as acquire.
+   conc_sem_release(sem, n)   Gives back n permits and grants waiters at the head that now
+                              fit, in order. Never blocks. Returns: 0; CONC_OVER_RELEASE if
+                              n exceeds what is held (nothing changes); CONC_INVALID (sem
+                              NULL or n < 0).
+   conc_sem_available(sem)    Permits not held now (size - held; 0 for NULL): a snapshot.
+                              Thread safety (every >>sem function but free): any thread,
+                              concurrently.
 
    ---- >>timer
    conc_timer_after(d)        One value after d ns. Returns NULL when out of memory.
@@ -2015,6 +2111,382 @@ out:
 
 CONC_API int conc_select(conc_case *cases, size_t n, conc_ctx_t *ctx) { return conc__select(cases, n, ctx, true); }
 CONC_API int conc_try_select(conc_case *cases, size_t n) { return conc__select(cases, n, NULL, false); }
+
+/* ======================================================================== */
+/* >>wg: wait groups                                                        */
+/* ======================================================================== */
+/* One atomic word holds the counter and a "someone waits" bit (Go's WaitGroup keeps a
+   waiter count there instead; a waiter that gives up on its context would have to
+   decrement it, a bit is enough); the mutex guards only the waiter list. With nobody
+   waiting, an add is one fetch_add and a done one CAS.
+
+   Invariants:
+   - state = counter << 1 | CONC__WG_WAITERS, counter <= CONC__WG_MAX. Every change of state
+     is an atomic read-modify-write: increments are a fetch_add (they can neither reach 0
+     nor touch the bit; one that overflows CONC__WG_MAX is undone at once); decrements are a
+     CAS, so one that would take the counter below 0 is simply not done; the bit is cleared
+     with a fetch_and.
+   - The bit is set and cleared only under mu, and under mu: bit set <=> waiters is not
+     empty (live or stale waiters: an owner unlinks its own waiter before it returns).
+   - bit set => counter > 0. A waiter sets the bit only while the counter is not 0 (CAS);
+     an add that would take the counter to 0 while the bit is set does it under mu, setting
+     the whole word to 0 and emptying the list in the same critical section: it claims each
+     waiter (status 0) and wakes them after unlocking. So a waiter is never queued on a
+     counter of 0, and a wait group can be reused at once.
+   - Happens-before: every add is a release RMW on state, and as every change is an RMW
+     each continues the release sequences before it; so an acquire load that reads counter
+     0 (the wait fast path), or the acq_rel CAS that takes it to 0 and then wakes the
+     waiters through their sel, sees every write made before every add.
+   Lock order: wg.mu -> ctx.mu (a blocked wait registers on its context while holding mu). */
+
+#define CONC__WG_WAITERS ((uint64_t)1)
+#define CONC__WG_MAX ((uint64_t)INT64_MAX >> 1) /* the largest counter the word holds */
+
+struct conc_wg {
+    _Atomic uint64_t state; /* counter << 1 | CONC__WG_WAITERS; see invariants */
+    pthread_mutex_t mu;     /* guards waiters and every change of the WAITERS bit */
+    conc__wq waiters;       /* (mu) blocked waits, FIFO */
+};
+
+CONC_API conc_wg_t *conc_wg_new(void) {
+    conc_wg_t *wg = (conc_wg_t *)CONC_MALLOC(sizeof *wg);
+    if (!wg) return NULL;
+    memset(wg, 0, sizeof *wg);
+    CONC__UNCHECKED(&wg->state);
+    atomic_init(&wg->state, 0);
+    conc__mutex_init(&wg->mu);
+    return wg;
+}
+
+CONC_API int conc_wg_free(conc_wg_t *wg) {
+    if (!wg) return 0;
+    bool busy;
+    /* taking mu also waits out an add still emptying the list (after it unlocks, that add
+       touches only the waiters' sels) */
+    CONC__LOCK(&wg->mu);
+    busy = wg->waiters.head != NULL;
+    CONC__UNLOCK(&wg->mu);
+    if (busy) return CONC_BUSY;
+    pthread_mutex_destroy(&wg->mu);
+    CONC__HB_FORGET(&wg->state);
+    CONC__CHECKED(&wg->state);
+    CONC_FREE(wg);
+    return 0;
+}
+
+/* The counter after adding delta to c, in *out; or the status that refuses it. */
+static inline int conc__wg_next(uint64_t c, int64_t delta, uint64_t *out) {
+    if (delta < 0) {
+        uint64_t d = (uint64_t)0 - (uint64_t)delta; /* |delta|, also for INT64_MIN */
+        if (d > c) return CONC_NEGATIVE_COUNT;
+        *out = c - d;
+    } else {
+        if ((uint64_t)delta > CONC__WG_MAX - c) return CONC_INVALID;
+        *out = c + (uint64_t)delta;
+    }
+    return 0;
+}
+
+/* An add that takes the counter to 0 while someone waits: under mu, where the WAITERS bit
+   cannot change, so the CAS loop below only races other adds. */
+static int conc__wg_add_slow(conc_wg_t *wg, int64_t delta) {
+    conc__waiter *wake = NULL, *w;
+    int rc;
+    CONC__LOCK(&wg->mu);
+    {
+        uint64_t s = atomic_load_explicit(&wg->state, CONC__RELAXED), nc;
+        for (;;) {
+            rc = conc__wg_next(s >> 1, delta, &nc);
+            if (rc != 0) break;
+            uint64_t ns = nc == 0 ? 0 : (nc << 1 | (s & CONC__WG_WAITERS));
+            CONC__HB_BEFORE(&wg->state);
+            if (atomic_compare_exchange_weak_explicit(&wg->state, &s, ns, CONC__ACQ_REL, CONC__RELAXED)) {
+                if (nc == 0 && (s & CONC__WG_WAITERS)) {
+                    CONC__HB_AFTER(&wg->state);
+                    /* stale waiters (their context won) are just unlinked */
+                    while ((w = conc__wq_claim(&wg->waiters)) != NULL) {
+                        w->sel->status = 0;
+                        w->next = wake;
+                        wake = w;
+                    }
+                }
+                break;
+            }
+        }
+    }
+    CONC__UNLOCK(&wg->mu);
+    conc__wake_list(wake);
+    return rc;
+}
+
+CONC_API int conc_wg_add(conc_wg_t *wg, int64_t delta) {
+    if (!wg) return CONC_INVALID;
+    if (delta > 0) {
+        /* An increment cannot reach 0 and leaves the bit alone: one fetch_add, which
+           (unlike a CAS) never retries when threads collide. The word has room for two
+           maximal counters, so an overflow is seen here and undone. */
+        if ((uint64_t)delta > CONC__WG_MAX) return CONC_INVALID;
+        CONC__HB_BEFORE(&wg->state);
+        uint64_t old = atomic_fetch_add_explicit(&wg->state, (uint64_t)delta << 1, CONC__RELEASE);
+        if ((old >> 1) <= CONC__WG_MAX - (uint64_t)delta) return 0;
+        (void)conc_wg_add(wg, -delta); /* may wake waiters that queued on the transient value */
+        return CONC_INVALID;
+    }
+    uint64_t s = atomic_load_explicit(&wg->state, CONC__RELAXED), nc;
+    for (;;) {
+        int rc = conc__wg_next(s >> 1, delta, &nc);
+        if (rc != 0) return rc;
+        if (nc == 0 && (s & CONC__WG_WAITERS)) return conc__wg_add_slow(wg, delta);
+        CONC__HB_BEFORE(&wg->state);
+        if (atomic_compare_exchange_weak_explicit(&wg->state, &s, nc << 1 | (s & CONC__WG_WAITERS), CONC__RELEASE,
+                                                  CONC__RELAXED))
+            return 0;
+    }
+}
+
+CONC_API int conc_wg_done(conc_wg_t *wg) { return conc_wg_add(wg, -1); }
+
+/* Queues the caller on wg and parks it until the counter is 0 or ctx ends. */
+static int conc__wg_block(conc_wg_t *wg, conc_ctx_t *ctx) {
+    conc__sel s;
+    conc__waiter w, cw;
+    bool reg = conc__ctx_can_end(ctx);
+    conc__sel_init(&s);
+    CONC__LOCK(&wg->mu);
+    if (reg) {
+        int e = conc__ctx_register(ctx, &cw, &s, CONC__OWN_CTX);
+        if (e) {
+            /* the counter may have reached 0 meanwhile: a wait that need not block doesn't */
+            uint64_t st = atomic_load_explicit(&wg->state, CONC__ACQUIRE);
+            CONC__UNLOCK(&wg->mu);
+            conc__sel_fini(&s);
+            if ((st >> 1) == 0) {
+                CONC__HB_AFTER(&wg->state);
+                return 0;
+            }
+            return e;
+        }
+    }
+    uint64_t st = atomic_load_explicit(&wg->state, CONC__ACQUIRE);
+    for (;;) {
+        if ((st >> 1) == 0) { /* the last done came first */
+            if (reg) conc__ctx_unregister(ctx, &cw);
+            CONC__UNLOCK(&wg->mu);
+            conc__sel_fini(&s);
+            CONC__HB_AFTER(&wg->state);
+            return 0;
+        }
+        if ((st & CONC__WG_WAITERS) ||
+            atomic_compare_exchange_weak_explicit(&wg->state, &st, st | CONC__WG_WAITERS, CONC__ACQ_REL,
+                                                  CONC__ACQUIRE))
+            break;
+    }
+    w.sel = &s;
+    w.elem = NULL;
+    w.case_index = 0;
+    w.since = 0;
+    conc__wq_push(&wg->waiters, &w);
+    CONC__UNLOCK(&wg->mu);
+
+    conc__sel_park(&s);
+    if (atomic_load_explicit(&s.fired, CONC__RELAXED) == CONC__OWN_CTX) {
+        CONC__LOCK(&wg->mu);
+        {
+            if (w.queued) conc__wq_remove(&wg->waiters, &w);
+            if (!wg->waiters.head) atomic_fetch_and_explicit(&wg->state, ~CONC__WG_WAITERS, CONC__RELAXED);
+        }
+        CONC__UNLOCK(&wg->mu);
+    } else {
+        if (reg) conc__ctx_unregister(ctx, &cw);
+        CONC__HB_AFTER(&wg->state);
+    }
+    conc__sel_fini(&s);
+    return s.status;
+}
+
+CONC_API int conc_wg_wait(conc_wg_t *wg, conc_ctx_t *ctx) {
+    if (!wg) return CONC_INVALID;
+    if ((atomic_load_explicit(&wg->state, CONC__ACQUIRE) >> 1) == 0) {
+        CONC__HB_AFTER(&wg->state);
+        return 0;
+    }
+    return conc__wg_block(wg, ctx);
+}
+
+CONC_API int64_t conc_wg_count(conc_wg_t *wg) {
+    if (!wg) return 0;
+    return (int64_t)(atomic_load_explicit(&wg->state, CONC__RELAXED) >> 1);
+}
+
+/* ======================================================================== */
+/* >>sem: weighted semaphores                                               */
+/* ======================================================================== */
+/* x/sync/semaphore's design: one mutex guards the count and a FIFO of blocked acquires.
+   A waiter is a conc__waiter whose elem points at the n it asks for (an int64_t in the
+   blocked call's frame).
+
+   Invariants:
+   - 0 <= held <= size. Permits move only under mu: acquire and try_acquire take them,
+     release gives them back, and a grant moves them to a waiter as it claims it (so a
+     claimed waiter holds its permits before it even wakes).
+   - The head of waiters, if live, does not fit (size - held < its n): whoever changes held
+     or the head (release, a cancelled head leaving, an acquire pruning stale heads) runs
+     conc__sem_grant_locked, which grants live heads in order until one does not fit. A new
+     acquire queues behind anyone queued, fitting or not (no overtaking).
+   - A waiter is granted only by claiming its sel (index 0) under mu; its context's cancel
+     claims it with CONC__OWN_CTX. The claim decides: a granted waiter returns 0 and holds
+     its permits; a cancelled one took none, and on waking unlinks itself and, if it was
+     the head, grants those behind it. A cancelled waiter still linked (stale) is unlinked
+     by whoever finds it at the head.
+   Lock order: sem.mu -> ctx.mu (a blocked acquire registers on its context under mu). */
+
+struct conc_sem {
+    pthread_mutex_t mu;
+    int64_t size;     /* immutable */
+    int64_t held;     /* (mu) permits acquired and not yet released */
+    conc__wq waiters; /* (mu) blocked acquires, FIFO; elem -> the int64_t n asked for */
+};
+
+CONC_API conc_sem_t *conc_sem_new(int64_t size) {
+    if (size < 0) return NULL;
+    conc_sem_t *sem = (conc_sem_t *)CONC_MALLOC(sizeof *sem);
+    if (!sem) return NULL;
+    memset(sem, 0, sizeof *sem);
+    conc__mutex_init(&sem->mu);
+    sem->size = size;
+    return sem;
+}
+
+CONC_API int conc_sem_free(conc_sem_t *sem) {
+    if (!sem) return 0;
+    bool busy;
+    CONC__LOCK(&sem->mu);
+    busy = sem->waiters.head != NULL; /* stale ones too: their owners will still lock mu */
+    CONC__UNLOCK(&sem->mu);
+    if (busy) return CONC_BUSY;
+    pthread_mutex_destroy(&sem->mu);
+    CONC_FREE(sem);
+    return 0;
+}
+
+/* sem->mu held. Grants live waiters at the head, in order, while they fit; drops stale
+   ones met on the way. The granted are pushed on *wake, to be woken after unlocking. */
+static void conc__sem_grant_locked(conc_sem_t *sem, conc__waiter **wake) {
+    conc__waiter *w;
+    while ((w = sem->waiters.head) != NULL) {
+        int64_t n = *(const int64_t *)w->elem;
+        if (sem->size - sem->held < n) {
+            /* a head that does not fit blocks the rest, unless its context already won */
+            if (atomic_load_explicit(&w->sel->fired, CONC__ACQUIRE) == CONC__UNFIRED) break;
+            conc__wq_remove(&sem->waiters, w);
+            continue;
+        }
+        conc__wq_remove(&sem->waiters, w);
+        if (!conc__sel_claim(w->sel, 0)) continue; /* cancelled meanwhile: stale */
+        sem->held += n;
+        w->sel->status = 0;
+        w->next = *wake;
+        *wake = w;
+    }
+}
+
+/* sem->mu held on entry, released on return; *wake: waiters granted by the caller. */
+static int conc__sem_block(conc_sem_t *sem, int64_t n, conc_ctx_t *ctx, conc__waiter *wake) {
+    conc__sel s;
+    conc__waiter w, cw;
+    int64_t want = n; /* what w.elem points at: read by granters under mu */
+    bool reg = conc__ctx_can_end(ctx);
+    conc__sel_init(&s);
+    if (reg) {
+        int e = conc__ctx_register(ctx, &cw, &s, CONC__OWN_CTX);
+        if (e) {
+            CONC__UNLOCK(&sem->mu);
+            conc__wake_list(wake);
+            conc__sel_fini(&s);
+            return e;
+        }
+    }
+    w.sel = &s;
+    w.elem = &want;
+    w.case_index = 0;
+    w.since = 0;
+    conc__wq_push(&sem->waiters, &w);
+    CONC__UNLOCK(&sem->mu);
+    conc__wake_list(wake);
+
+    conc__sel_park(&s);
+    if (atomic_load_explicit(&s.fired, CONC__RELAXED) == CONC__OWN_CTX) {
+        wake = NULL;
+        CONC__LOCK(&sem->mu);
+        if (w.queued) {
+            bool was_head = sem->waiters.head == &w;
+            conc__wq_remove(&sem->waiters, &w);
+            if (was_head) conc__sem_grant_locked(sem, &wake); /* let the next ones go */
+        }
+        CONC__UNLOCK(&sem->mu);
+        conc__wake_list(wake);
+    } else if (reg) {
+        conc__ctx_unregister(ctx, &cw); /* granted: the permits are ours, whatever ctx says */
+    }
+    conc__sel_fini(&s);
+    return s.status;
+}
+
+/* Fast path of acquire / try_acquire. sem->mu held; returns with it held. */
+static bool conc__sem_take_locked(conc_sem_t *sem, int64_t n, conc__waiter **wake) {
+    if (sem->waiters.head) conc__sem_grant_locked(sem, wake); /* drops stale heads */
+    if (sem->waiters.head || sem->size - sem->held < n) return false;
+    sem->held += n;
+    return true;
+}
+
+CONC_API int conc_sem_acquire(conc_sem_t *sem, int64_t n, conc_ctx_t *ctx) {
+    conc__waiter *wake = NULL;
+    if (!sem || n < 0 || n > sem->size) return CONC_INVALID;
+    CONC__LOCK(&sem->mu);
+    if (!conc__sem_take_locked(sem, n, &wake)) return conc__sem_block(sem, n, ctx, wake);
+    CONC__UNLOCK(&sem->mu);
+    conc__wake_list(wake);
+    return 0;
+}
+
+CONC_API int conc_sem_try_acquire(conc_sem_t *sem, int64_t n) {
+    conc__waiter *wake = NULL;
+    bool ok;
+    if (!sem || n < 0 || n > sem->size) return CONC_INVALID;
+    CONC__LOCK(&sem->mu);
+    ok = conc__sem_take_locked(sem, n, &wake);
+    CONC__UNLOCK(&sem->mu);
+    conc__wake_list(wake);
+    return ok ? 0 : CONC_WOULD_BLOCK;
+}
+
+CONC_API int conc_sem_release(conc_sem_t *sem, int64_t n) {
+    conc__waiter *wake = NULL;
+    int rc = 0;
+    if (!sem || n < 0) return CONC_INVALID;
+    CONC__LOCK(&sem->mu);
+    {
+        if (n > sem->held) {
+            rc = CONC_OVER_RELEASE;
+        } else {
+            sem->held -= n;
+            conc__sem_grant_locked(sem, &wake);
+        }
+    }
+    CONC__UNLOCK(&sem->mu);
+    conc__wake_list(wake);
+    return rc;
+}
+
+CONC_API int64_t conc_sem_available(conc_sem_t *sem) {
+    int64_t a;
+    if (!sem) return 0;
+    CONC__LOCK(&sem->mu);
+    a = sem->size - sem->held;
+    CONC__UNLOCK(&sem->mu);
+    return a;
+}
 
 /* ======================================================================== */
 /* >>timer: timers, tickers, sleep                                          */

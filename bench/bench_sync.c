@@ -1,0 +1,107 @@
+/* bench_sync.c - wait group and semaphore benchmarks for conc.h.
+
+   wg_adddone_uncontended         one thread: conc_wg_add(wg, 1) + conc_wg_done(wg); one op
+                                  is the pair (Go's N: 50 000 000).
+   wg_adddone_2threads            two threads, N pairs each, on one wait group; ns per op is
+                                  the total time over 2N (Go's go_wg_adddone_2goroutines).
+   sem_weighted_pair_uncontended  one thread: conc_sem_acquire(sem, 1, NULL) +
+                                  conc_sem_release(sem, 1) on a semaphore of size 2 (Go's
+                                  x/sync/semaphore case; N 20 000 000).
+
+   Run `bench_sync --list`, `bench_sync --case NAME [--n N]`, or no argument (see bench.h). */
+#define CONC_IMPLEMENTATION
+#include "conc.h"
+
+#include "bench.h"
+
+#include <stdatomic.h>
+
+static int case_wg_uncontended(int64_t n, bench_out *out) {
+    conc_wg_t *wg = conc_wg_new();
+    if (!wg) return bench_fail("wg: out of memory");
+    int bad = 0;
+    int64_t t0 = bench_now();
+    for (int64_t i = 0; i < n; i++) {
+        bad |= conc_wg_add(wg, 1);
+        bad |= conc_wg_done(wg);
+    }
+    int64_t t1 = bench_now();
+    if (bad || conc_wg_count(wg) != 0) return bench_fail("wg: a call failed or the counter is not 0");
+    if (conc_wg_wait(wg, NULL) != 0 || conc_wg_free(wg) != 0) return bench_fail("wg: wait/free failed");
+    out->elapsed_ns = t1 - t0;
+    out->ops = n;
+    return 0;
+}
+
+typedef struct wg2 {
+    conc_wg_t *wg;
+    int64_t n;        /* pairs per thread */
+    _Atomic int ready; /* threads at the start line */
+    _Atomic int go;
+    _Atomic int bad;
+} wg2;
+
+static void *wg2_thread(void *p) {
+    wg2 *a = (wg2 *)p;
+    int bad = 0;
+    atomic_fetch_add(&a->ready, 1);
+    while (!atomic_load_explicit(&a->go, memory_order_acquire)) {
+    }
+    for (int64_t i = 0; i < a->n; i++) {
+        bad |= conc_wg_add(a->wg, 1);
+        bad |= conc_wg_done(a->wg);
+    }
+    if (bad) atomic_store(&a->bad, 1);
+    return NULL;
+}
+
+static int case_wg_2threads(int64_t n, bench_out *out) {
+    wg2 a;
+    pthread_t t[2];
+    a.wg = conc_wg_new();
+    if (!a.wg) return bench_fail("wg2: out of memory");
+    a.n = n;
+    atomic_init(&a.ready, 0);
+    atomic_init(&a.go, 0);
+    atomic_init(&a.bad, 0);
+    for (int i = 0; i < 2; i++)
+        if (bench_spawn(&t[i], wg2_thread, &a) != 0) return 1;
+    while (atomic_load(&a.ready) < 2) {
+    }
+    int64_t t0 = bench_now();
+    atomic_store_explicit(&a.go, 1, memory_order_release);
+    for (int i = 0; i < 2; i++) pthread_join(t[i], NULL);
+    int64_t t1 = bench_now();
+    if (atomic_load(&a.bad) || conc_wg_count(a.wg) != 0) return bench_fail("wg2: a call failed or the counter is not 0");
+    if (conc_wg_free(a.wg) != 0) return bench_fail("wg2: free failed");
+    out->elapsed_ns = t1 - t0;
+    out->ops = 2 * n;
+    return 0;
+}
+
+static int case_sem_uncontended(int64_t n, bench_out *out) {
+    conc_sem_t *sem = conc_sem_new(2);
+    if (!sem) return bench_fail("sem: out of memory");
+    int bad = 0;
+    int64_t t0 = bench_now();
+    for (int64_t i = 0; i < n; i++) {
+        bad |= conc_sem_acquire(sem, 1, NULL);
+        bad |= conc_sem_release(sem, 1);
+    }
+    int64_t t1 = bench_now();
+    if (bad || conc_sem_available(sem) != 2) return bench_fail("sem: a call failed or permits are missing");
+    if (conc_sem_free(sem) != 0) return bench_fail("sem: free failed");
+    out->elapsed_ns = t1 - t0;
+    out->ops = n;
+    return 0;
+}
+
+static const bench_case cases[] = {
+    {"wg_adddone_uncontended", 50000000, case_wg_uncontended, 0},
+    {"wg_adddone_2threads", 20000000, case_wg_2threads, 0},
+    {"sem_weighted_pair_uncontended", 20000000, case_sem_uncontended, 0},
+};
+
+int main(int argc, char **argv) {
+    return bench_main(argc, argv, cases, sizeof cases / sizeof cases[0]);
+}
