@@ -1552,6 +1552,14 @@ static void conc__ctx_unregister(conc_ctx_t *ctx, conc__waiter *w) {
     CONC__UNLOCK(&ctx->mu);
 }
 
+/* A call that registered on ctx but leaves without parking (it found it need not block
+   after all) must not return while a canceller that claimed it may still wake it: after
+   unlinking, it claims its own sel, or waits for the wake of whoever claimed it first. */
+static void conc__ctx_leave(conc_ctx_t *ctx, conc__waiter *w, conc__sel *s) {
+    conc__ctx_unregister(ctx, w);
+    if (!conc__sel_claim(s, CONC__OWN_CTX)) conc__sel_park(s);
+}
+
 CONC_API int conc_ctx_wait(conc_ctx_t *ctx) {
     conc_case c = CONC_DONE(ctx);
     if (!ctx) ctx = &conc__background; /* never ends: blocks for ever, as documented */
@@ -2270,8 +2278,8 @@ static int conc__wg_block(conc_wg_t *wg, conc_ctx_t *ctx) {
     uint64_t st = atomic_load_explicit(&wg->state, CONC__ACQUIRE);
     for (;;) {
         if ((st >> 1) == 0) { /* the last done came first */
-            if (reg) conc__ctx_unregister(ctx, &cw);
             CONC__UNLOCK(&wg->mu);
+            if (reg) conc__ctx_leave(ctx, &cw, &s);
             conc__sel_fini(&s);
             CONC__HB_AFTER(&wg->state);
             return 0;
@@ -2616,7 +2624,7 @@ CONC_API int conc_sleep(int64_t duration_ns, conc_ctx_t *ctx) {
     }
     int rc = conc__timer_add(&sl.e);
     if (rc != 0) {
-        if (reg) conc__ctx_unregister(ctx, &cw);
+        if (reg) conc__ctx_leave(ctx, &cw, &s);
         conc__sel_fini(&s);
         return rc;
     }
