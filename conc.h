@@ -1256,6 +1256,20 @@ static bool conc__ctx_ref_unless_zero(conc_ctx_t *c) {
     return false;
 }
 
+/* Takes c out of its parent's kids list, if it is still there. */
+static void conc__ctx_unlink(conc_ctx_t *c) {
+    conc_ctx_t *p = c->parent;
+    if (!p->can_end) return;
+    CONC__LOCK(&p->mu);
+    if (c->linked) {
+        if (c->sib_prev) c->sib_prev->sib_next = c->sib_next;
+        else p->kids = c->sib_next;
+        if (c->sib_next) c->sib_next->sib_prev = c->sib_prev;
+        c->linked = false;
+    }
+    CONC__UNLOCK(&p->mu);
+}
+
 /* Drops a reference; frees the node (and, iteratively, ancestors that drop to 0). */
 static void conc__ctx_unref(conc_ctx_t *c) {
     while (c && c->kind != CONC__CTX_BACKGROUND) {
@@ -1263,16 +1277,7 @@ static void conc__ctx_unref(conc_ctx_t *c) {
         if (atomic_fetch_sub_explicit(&c->refs, 1, CONC__ACQ_REL) != 1) return;
         CONC__HB_AFTER(&c->refs);
         conc_ctx_t *p = c->parent;
-        if (p->can_end) {
-            CONC__LOCK(&p->mu);
-            if (c->linked) {
-                if (c->sib_prev) c->sib_prev->sib_next = c->sib_next;
-                else p->kids = c->sib_next;
-                if (c->sib_next) c->sib_next->sib_prev = c->sib_prev;
-                c->linked = false;
-            }
-            CONC__UNLOCK(&p->mu);
-        }
+        conc__ctx_unlink(c);
         pthread_mutex_destroy(&c->mu);
         CONC__HB_FORGET(&c->err);
         CONC__HB_FORGET(&c->refs);
@@ -1488,18 +1493,7 @@ CONC_API void conc_ctx_release(conc_ctx_t *ctx) {
     if (!ctx || ctx->kind == CONC__CTX_BACKGROUND) return;
     if (ctx->kind == CONC__CTX_CANCEL) {
         conc_ctx_cancel(ctx);
-        /* ended, so it will never be cancelled again: leave the parent's list now */
-        conc_ctx_t *p = ctx->parent;
-        if (p->can_end) {
-            CONC__LOCK(&p->mu);
-            if (ctx->linked) {
-                if (ctx->sib_prev) ctx->sib_prev->sib_next = ctx->sib_next;
-                else p->kids = ctx->sib_next;
-                if (ctx->sib_next) ctx->sib_next->sib_prev = ctx->sib_prev;
-                ctx->linked = false;
-            }
-            CONC__UNLOCK(&p->mu);
-        }
+        conc__ctx_unlink(ctx); /* ended, so never cancelled again: leave the parent's list now */
     }
     /* a value context stays linked while children need it to pass cancellation down */
     conc__ctx_unref(ctx);
