@@ -13,6 +13,7 @@
 #define CONC_IMPLEMENTATION
 #include "conc.h"
 #include "tap.h"
+#include "test_util.h"
 
 #include <pthread.h>
 #include <sched.h>
@@ -20,50 +21,6 @@
 #include <time.h>
 
 /* ---- helpers ------------------------------------------------------------------------ */
-
-static void spawn(pthread_t *th, void *(*fn)(void *), void *arg) {
-    if (pthread_create(th, NULL, fn, arg) != 0) {
-        printf("Bail out! pthread_create failed\n");
-        exit(1);
-    }
-}
-
-static uint64_t rnd(uint64_t *s) {
-    uint64_t x = *s;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    return *s = x;
-}
-
-/* A little random delay: nothing, a few spins, or a yield. Shuffles who arrives first. */
-static void jitter(uint64_t *s) {
-    uint64_t r = rnd(s) % 8;
-    if (r < 3) return;
-    if (r < 6) {
-        for (volatile int i = 0; i < (int)(r * 20); i++) {
-        }
-        return;
-    }
-    sched_yield();
-}
-
-static void nap(void) {
-    struct timespec ts = {0, 200 * 1000};
-    nanosleep(&ts, NULL);
-}
-
-static bool wait_blocked(conc_chan_t *ch, uint64_t sends, uint64_t recvs) {
-    int64_t end = conc_now() + 20 * CONC_SECOND;
-    for (;;) {
-        conc_chan_stats s;
-        conc_chan_stats_get(ch, &s);
-        if (s.blocked_sends >= sends && s.blocked_recvs >= recvs) return true;
-        if (conc_now() > end) return false;
-        sched_yield();
-        nap();
-    }
-}
 
 /* ---- mpmc --------------------------------------------------------------------------- */
 
@@ -483,8 +440,8 @@ TEST(close_wakes_all) {
             ops[i] = (blocked_op){.ch = i < N ? rch : sch, .send = i >= N, .val = i < N ? -1 : 1000 + i, .rc = 12345};
             spawn(&ops[i].th, blocked_main, &ops[i]);
         }
-        EXPECT(wait_blocked(rch, 0, N));
-        EXPECT(wait_blocked(sch, N, 0));
+        EXPECT(wait_blocked_long(rch, 0, N));
+        EXPECT(wait_blocked_long(sch, N, 0));
         /* Close in either order, sometimes from another thread's point of view. */
         if (round & 2) {
             EXPECT_EQ(conc_chan_close(sch), 0);

@@ -7,6 +7,7 @@
 #define CONC_IMPLEMENTATION
 #include "conc.h"
 #include "tap.h"
+#include "test_util.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -14,22 +15,6 @@
 #define MS CONC_MILLISECOND
 static const char token; /* what goes through 0-size channels */
 static const char key;
-
-static uint64_t xorshift(uint64_t *s) {
-    *s ^= *s << 13;
-    *s ^= *s >> 7;
-    *s ^= *s << 17;
-    return *s;
-}
-
-static pthread_t spawn(void *(*fn)(void *), void *arg) {
-    pthread_t t;
-    if (pthread_create(&t, NULL, fn, arg) != 0) {
-        printf("Bail out! pthread_create failed\n");
-        exit(1);
-    }
-    return t;
-}
 
 /* ---- children of a shared parent, created and released while it is cancelled ---- */
 
@@ -64,11 +49,11 @@ static void *churn_worker(void *arg) {
     conc_ctx_t *held[HELD] = {0};
     for (long i = 0; i < w->iters; i++) {
         if (i == w->iters / 2) conc_chan_send(w->halfway, &token, NULL);
-        int slot = (int)(xorshift(&w->seed) % HELD);
+        int slot = (int)(rnd(&w->seed) % HELD);
         conc_ctx_release(held[slot]);
         /* Whatever we saw of the parent before creating, the child sees at least. */
         int before = conc_ctx_err(w->parent);
-        conc_ctx_t *c = make_child(w->parent, xorshift(&w->seed));
+        conc_ctx_t *c = make_child(w->parent, rnd(&w->seed));
         held[slot] = c;
         if (!c) {
             w->nomem++;
@@ -102,7 +87,7 @@ TEST(children_created_while_parent_cancelled) {
         for (int i = 0; i < CHURN_THREADS; i++) {
             uint64_t seed = 0x1234567ull * (uint64_t)(i + 1) + (uint64_t)r;
             w[i] = (struct churn){parent, halfway, seed, tap_iters(2000), 0, 0, 0, 0};
-            th[i] = spawn(churn_worker, &w[i]);
+            th[i] = spawn_thread(churn_worker, &w[i]);
         }
         for (int i = 0; i < CHURN_THREADS; i++) conc_chan_recv(halfway, NULL, NULL);
         conc_ctx_cancel_cause(root, CAUSE);
@@ -172,7 +157,7 @@ TEST(cancel_races_release) {
     pthread_barrier_init(&r.start, NULL, 3);
     pthread_barrier_init(&r.end, NULL, 3);
     atomic_init(&r.ran, 0);
-    pthread_t a = spawn(race_a, &r), b = spawn(race_b, &r);
+    pthread_t a = spawn_thread(race_a, &r), b = spawn_thread(race_b, &r);
     long mismatches = 0, nomem = 0, stops = 0;
     for (long i = 0; i < r.iters; i++) {
         r.variant = (int)(i % 4);
@@ -260,7 +245,7 @@ TEST(one_cancel_wakes_all_waiters) {
         pthread_t th[WAITERS];
         for (int i = 0; i < WAITERS; i++) {
             w[i] = (struct waiter){root, ch, ready, done, (int)((i + r) % 4)};
-            th[i] = spawn(waiter_thread, &w[i]);
+            th[i] = spawn_thread(waiter_thread, &w[i]);
         }
         for (int i = 0; i < WAITERS; i++) conc_chan_recv(ready, NULL, NULL);
         conc_ctx_cancel(root);
@@ -308,7 +293,7 @@ static void storm_fn(void *arg) {
 static void *storm_thread(void *arg) {
     struct storm *s = arg;
     for (long i = 0; i < s->iters; i++) {
-        uint64_t r = xorshift(&s->seed);
+        uint64_t r = rnd(&s->seed);
         int64_t d = (int64_t)(r % 2000) * CONC_MICROSECOND; /* 0..2 ms */
         conc_ctx_t *parent = (r >> 12) % 2 ? s->shared : NULL;
         conc_ctx_t *c = conc_ctx_with_timeout(parent, d);
@@ -365,7 +350,7 @@ TEST(timeout_storm) {
     pthread_t th[STORM_THREADS];
     for (int i = 0; i < STORM_THREADS; i++) {
         s[i] = (struct storm){shared, fired, 0xABCDEFull * (uint64_t)(i + 3), iters, 0, 0};
-        th[i] = spawn(storm_thread, &s[i]);
+        th[i] = spawn_thread(storm_thread, &s[i]);
     }
     long registered = 0;
     for (int i = 0; i < STORM_THREADS; i++) {

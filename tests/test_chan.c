@@ -24,6 +24,7 @@ static void *test_malloc(size_t n) {
 #define CONC_IMPLEMENTATION
 #include "conc.h"
 #include "tap.h"
+#include "test_util.h"
 
 #include <pthread.h>
 #include <sched.h>
@@ -47,25 +48,6 @@ static void store_flag(int *p, int v) {
     pthread_mutex_lock(&g_mu);
     { *p = v; }
     pthread_mutex_unlock(&g_mu);
-}
-
-static void nap(void) {
-    struct timespec ts = {0, 200 * 1000};
-    nanosleep(&ts, NULL);
-}
-
-/* Waits (at most 10 s) until ch has seen at least `sends` blocked sends and `recvs`
-   blocked receives: the blocked threads are then queued on ch. */
-static bool wait_blocked(conc_chan_t *ch, uint64_t sends, uint64_t recvs) {
-    int64_t end = conc_now() + 10 * CONC_SECOND;
-    for (;;) {
-        conc_chan_stats s;
-        conc_chan_stats_get(ch, &s);
-        if (s.blocked_sends >= sends && s.blocked_recvs >= recvs) return true;
-        if (conc_now() > end) return false;
-        sched_yield();
-        nap();
-    }
 }
 
 enum { OP_SEND, OP_RECV };
@@ -100,10 +82,7 @@ static void op_start(op *o, int kind, conc_chan_t *ch, long val, conc_ctx_t *ctx
     o->val = val;
     o->rc = 12345;
     o->done = 0;
-    if (pthread_create(&o->th, NULL, op_main, o) != 0) {
-        printf("Bail out! pthread_create failed\n");
-        exit(1);
-    }
+    spawn(&o->th, op_main, o);
 }
 
 static void op_join(op *o) { pthread_join(o->th, NULL); }

@@ -6,21 +6,13 @@
 #define CONC_IMPLEMENTATION
 #include "conc.h"
 #include "tap.h"
+#include "test_util.h"
 
 #include <pthread.h>
 #include <time.h>
 #include <unistd.h>
 
 /* ---- helpers ---- */
-
-static pthread_t spawn(void *(*fn)(void *), void *arg) {
-    pthread_t t;
-    if (pthread_create(&t, NULL, fn, arg) != 0) {
-        printf("Bail out! pthread_create failed\n");
-        exit(1);
-    }
-    return t;
-}
 
 /* A thread that has just announced "about to block" gets a moment to park, so that the
    wake-up path is what gets tested. Nothing depends on it: a call whose context has
@@ -599,7 +591,7 @@ TEST(wait_woken_by_cancel_from_other_thread) {
     ASSERT(leaf != NULL);
     struct waiter w = {leaf, conc_chan_new(0, 0), -100, 0};
     ASSERT(w.ready != NULL);
-    pthread_t th = spawn(wait_thread, &w);
+    pthread_t th = spawn_thread(wait_thread, &w);
     EXPECT_EQ(conc_chan_recv(w.ready, NULL, NULL), 0);
     let_it_park();
     int64_t t0 = conc_now();
@@ -620,7 +612,7 @@ TEST(wait_returns_on_deadline_and_when_ended) {
     ASSERT(c != NULL);
     struct waiter w = {c, conc_chan_new(0, 0), -100, 0};
     ASSERT(w.ready != NULL);
-    pthread_t th = spawn(wait_thread, &w);
+    pthread_t th = spawn_thread(wait_thread, &w);
     EXPECT_EQ(conc_chan_recv(w.ready, NULL, NULL), 0);
     pthread_join(th, NULL);
     EXPECT_EQ(w.rc, CONC_DEADLINE_EXCEEDED);
@@ -911,7 +903,7 @@ static void run_blocked(int mode, int cap) {
     ASSERT(b.ch && b.ready);
     int one = 1;
     if (mode == 3 && cap > 0) EXPECT_EQ(conc_chan_try_send(b.ch, &one), 0); /* fill it */
-    pthread_t th = spawn(blocked_thread, &b);
+    pthread_t th = spawn_thread(blocked_thread, &b);
     EXPECT_EQ(conc_chan_recv(b.ready, NULL, NULL), 0);
     let_it_park();
     int64_t t0 = conc_now();

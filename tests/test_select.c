@@ -24,6 +24,7 @@ static void *test_malloc(size_t n) {
 #define CONC_IMPLEMENTATION
 #include "conc.h"
 #include "tap.h"
+#include "test_util.h"
 
 #include <pthread.h>
 #include <sched.h>
@@ -32,30 +33,6 @@ static void *test_malloc(size_t n) {
 #include <time.h>
 
 /* ---- helpers ------------------------------------------------------------------------ */
-
-static void nap(void) {
-    struct timespec ts = {0, 200 * 1000};
-    nanosleep(&ts, NULL);
-}
-
-static bool wait_blocked(conc_chan_t *ch, uint64_t sends, uint64_t recvs) {
-    int64_t end = conc_now() + 10 * CONC_SECOND;
-    for (;;) {
-        conc_chan_stats s;
-        conc_chan_stats_get(ch, &s);
-        if (s.blocked_sends >= sends && s.blocked_recvs >= recvs) return true;
-        if (conc_now() > end) return false;
-        sched_yield();
-        nap();
-    }
-}
-
-static void spawn(pthread_t *th, void *(*fn)(void *), void *arg) {
-    if (pthread_create(th, NULL, fn, arg) != 0) {
-        printf("Bail out! pthread_create failed\n");
-        exit(1);
-    }
-}
 
 enum { OP_SEND, OP_RECV };
 

@@ -9,19 +9,11 @@
 #define CONC_IMPLEMENTATION
 #include "conc.h"
 #include "tap.h"
+#include "test_util.h"
 
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
-
-static pthread_t spawn(void *(*fn)(void *), void *arg) {
-    pthread_t t;
-    if (pthread_create(&t, NULL, fn, arg) != 0) {
-        printf("Bail out! pthread_create failed\n");
-        exit(1);
-    }
-    return t;
-}
 
 static int queued(conc_sem_t *sem) {
     int n = 0;
@@ -118,11 +110,11 @@ TEST(sem_fifo_large_head_not_starved) {
     ASSERT(sem != NULL);
     EXPECT_EQ(conc_sem_acquire(sem, 10, NULL), 0);
     acq_arg big = {sem, 8, NULL, 99, 0, 0}, small1 = {sem, 1, NULL, 99, 0, 0}, small2 = {sem, 2, NULL, 99, 0, 0};
-    pthread_t tb = spawn(acquirer, &big);
+    pthread_t tb = spawn_thread(acquirer, &big);
     until_queued(sem, 1);
-    pthread_t ts1 = spawn(acquirer, &small1);
+    pthread_t ts1 = spawn_thread(acquirer, &small1);
     until_queued(sem, 2);
-    pthread_t ts2 = spawn(acquirer, &small2);
+    pthread_t ts2 = spawn_thread(acquirer, &small2);
     until_queued(sem, 3);
     EXPECT_EQ(conc_sem_free(sem), CONC_BUSY);
 
@@ -159,7 +151,7 @@ TEST(sem_try_acquire_fails_while_others_wait) {
     ASSERT(sem != NULL);
     EXPECT_EQ(conc_sem_acquire(sem, 4, NULL), 0);
     acq_arg a = {sem, 2, NULL, 99, 0, 0};
-    pthread_t t = spawn(acquirer, &a);
+    pthread_t t = spawn_thread(acquirer, &a);
     until_queued(sem, 1);
     EXPECT_EQ(conc_sem_release(sem, 1), 0);
     EXPECT_EQ(conc_sem_available(sem), 1);
@@ -182,11 +174,11 @@ TEST(sem_cancel_at_head_lets_next_proceed) {
     ASSERT(sem != NULL && ctx != NULL);
     EXPECT_EQ(conc_sem_acquire(sem, 6, NULL), 0); /* 4 left */
     acq_arg big = {sem, 8, ctx, 99, 0, 0}, small = {sem, 3, NULL, 99, 0, 0}, mid = {sem, 2, NULL, 99, 0, 0};
-    pthread_t tb = spawn(acquirer, &big);
+    pthread_t tb = spawn_thread(acquirer, &big);
     until_queued(sem, 1);
-    pthread_t ts = spawn(acquirer, &small);
+    pthread_t ts = spawn_thread(acquirer, &small);
     until_queued(sem, 2);
-    pthread_t tm = spawn(acquirer, &mid);
+    pthread_t tm = spawn_thread(acquirer, &mid);
     until_queued(sem, 3);
     conc_ctx_cancel(ctx);
     pthread_join(tb, NULL);
@@ -207,9 +199,9 @@ TEST(sem_cancel_at_head_lets_next_proceed) {
     ASSERT(ctx != NULL);
     EXPECT_EQ(conc_sem_acquire(sem, 10, NULL), 0);
     acq_arg h = {sem, 5, NULL, 99, 0, 0}, c = {sem, 1, ctx, 99, 0, 0};
-    pthread_t th = spawn(acquirer, &h);
+    pthread_t th = spawn_thread(acquirer, &h);
     until_queued(sem, 1);
-    pthread_t tc = spawn(acquirer, &c);
+    pthread_t tc = spawn_thread(acquirer, &c);
     until_queued(sem, 2);
     conc_ctx_cancel(ctx);
     pthread_join(tc, NULL);
@@ -350,9 +342,9 @@ TEST(sem_stress_cancel_vs_release) {
     pthread_t t[ACQUIRERS], c;
     for (int i = 0; i < ACQUIRERS; i++) {
         args[i] = (stress_arg){&s, i};
-        t[i] = spawn(stress_acquirer, &args[i]);
+        t[i] = spawn_thread(stress_acquirer, &args[i]);
     }
-    c = spawn(stress_canceller, &s);
+    c = spawn_thread(stress_canceller, &s);
     for (int i = 0; i < ACQUIRERS; i++) pthread_join(t[i], NULL);
     pthread_join(c, NULL);
     printf("# %ld acquires: %ld granted (%ld of them after their ctx ended), %ld cancelled\n",

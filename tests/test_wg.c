@@ -9,19 +9,11 @@
 #define CONC_IMPLEMENTATION
 #include "conc.h"
 #include "tap.h"
+#include "test_util.h"
 
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
-
-static pthread_t spawn(void *(*fn)(void *), void *arg) {
-    pthread_t t;
-    if (pthread_create(&t, NULL, fn, arg) != 0) {
-        printf("Bail out! pthread_create failed\n");
-        exit(1);
-    }
-    return t;
-}
 
 /* How many waits are queued on wg now (white box: the implementation is in this file). */
 static int queued_waiters(conc_wg_t *wg) {
@@ -124,7 +116,7 @@ TEST(wg_wait_woken_by_done) {
     ASSERT(wg != NULL);
     EXPECT_EQ(conc_wg_add(wg, 2), 0);
     waiter_arg a = {wg, NULL, 99, 0, 0};
-    pthread_t t = spawn(waiter_main, &a);
+    pthread_t t = spawn_thread(waiter_main, &a);
     until_queued(wg, 1);
     EXPECT(waiters_bit(wg));
     EXPECT_EQ(conc_wg_free(wg), CONC_BUSY);
@@ -143,7 +135,7 @@ TEST(wg_wait_cancelled) {
     ASSERT(wg != NULL && ctx != NULL);
     EXPECT_EQ(conc_wg_add(wg, 1), 0);
     waiter_arg a = {wg, ctx, 99, 0, 0};
-    pthread_t t = spawn(waiter_main, &a);
+    pthread_t t = spawn_thread(waiter_main, &a);
     until_queued(wg, 1);
     conc_ctx_cancel(ctx);
     pthread_join(t, NULL);
@@ -162,9 +154,9 @@ TEST(wg_wait_cancelled) {
     ASSERT(ctx != NULL);
     EXPECT_EQ(conc_wg_add(wg, 1), 0);
     waiter_arg a1 = {wg, ctx, 99, 0, 0}, a2 = {wg, NULL, 99, 0, 0};
-    pthread_t t1 = spawn(waiter_main, &a1);
+    pthread_t t1 = spawn_thread(waiter_main, &a1);
     until_queued(wg, 1);
-    pthread_t t2 = spawn(waiter_main, &a2);
+    pthread_t t2 = spawn_thread(waiter_main, &a2);
     until_queued(wg, 2);
     conc_ctx_cancel(ctx);
     pthread_join(t1, NULL);
@@ -206,7 +198,7 @@ TEST(wg_many_waiters_all_woken) {
     pthread_t t[MANY];
     for (int i = 0; i < MANY; i++) {
         a[i] = (waiter_arg){wg, i % 2 ? ctx : NULL, 99, 0, 0};
-        t[i] = spawn(waiter_main, &a[i]);
+        t[i] = spawn_thread(waiter_main, &a[i]);
     }
     until_queued(wg, MANY);
     EXPECT_EQ(conc_wg_free(wg), CONC_BUSY);
@@ -272,8 +264,8 @@ TEST(wg_adddone_storm) {
     atomic_init(&s.waits, 0);
     atomic_init(&s.bad, 0);
     pthread_t t[STORM_THREADS], w[2];
-    for (int i = 0; i < STORM_THREADS; i++) t[i] = spawn(storm_adder, &s);
-    for (int i = 0; i < 2; i++) w[i] = spawn(storm_waiter, &s);
+    for (int i = 0; i < STORM_THREADS; i++) t[i] = spawn_thread(storm_adder, &s);
+    for (int i = 0; i < 2; i++) w[i] = spawn_thread(storm_waiter, &s);
     for (int i = 0; i < STORM_THREADS; i++) pthread_join(t[i], NULL);
     for (int i = 0; i < 2; i++) pthread_join(w[i], NULL);
     EXPECT_EQ(atomic_load(&s.bad), 0);
@@ -312,7 +304,7 @@ TEST(wg_wait_races_last_done) {
     race r;
     atomic_init(&r.slot, NULL);
     r.payload = -1;
-    pthread_t t = spawn(race_worker, &r);
+    pthread_t t = spawn_thread(race_worker, &r);
     conc_ctx_t *ctx = conc_ctx_with_cancel(NULL);
     ASSERT(ctx != NULL);
     long n = tap_iters(20000), bad = 0;
@@ -370,7 +362,7 @@ static void *race2_worker(void *p) {
 TEST(wg_cancel_races_last_done) {
     race2 r;
     atomic_init(&r.phase, 0);
-    pthread_t t = spawn(race2_worker, &r);
+    pthread_t t = spawn_thread(race2_worker, &r);
     long n = tap_iters(20000), bad = 0, cancelled = 0;
     for (long i = 0; i < n; i++) {
         r.wg = conc_wg_new();
