@@ -82,8 +82,8 @@ CONTEXTS  (>>ctx)
    - conc_ctx_background() is a static context that is never cancelled; releasing it does
      nothing.
    - conc_ctx_after_func(ctx, fn, arg) runs fn(arg) once when ctx ends: on the thread that
-     cancels it, after conc has let go of its locks; when a deadline ends it, on conc's
-     runner thread (never on the timer thread, so fn may itself sleep or wait on timers);
+     cancels it, after conc has let go of its locks; when a deadline or a signal ends it, on
+     conc's runner thread (never on the timer thread, so fn may itself sleep or wait on timers);
      at once on the calling thread if ctx has already ended. conc_after_func_stop() prevents the
      call if it has not started, returns whether it did, and frees the handle: call it
      exactly once per handle.
@@ -170,6 +170,70 @@ TIMERS  (>>timer)
    contexts that reach their deadline run on a second one. Each starts on first use, ends
    after a second without work and is joined at exit, so leak checkers see nothing.
 
+SIGNALS  (>>signal)
+
+   conc_signal_notify(parent, sigs, n, &s) gives a context, conc_signal_ctx(s), that is
+   cancelled when the process receives one of the n signals, as Go's
+   signal.NotifyContext: its err is then CONC_CANCELED and its cause the signal number
+   (positive, as a user code: conc_ctx_cause(ctx) == SIGTERM). conc_signal_stop(s) ends
+   the context if no signal did, gives the signals back and joins the thread. A graceful
+   shutdown:
+
+      int main(void) {
+          static const int sigs[] = {SIGINT, SIGTERM};
+          conc_signal_t *s;
+          // first thing, before any thread starts: threads inherit the blocked mask
+          if (conc_signal_notify(NULL, sigs, 2, &s) != 0) return 1;
+          conc_ctx_t *ctx = conc_signal_ctx(s);
+          start_workers(ctx);        // each returns once ctx has ended
+          conc_ctx_wait(ctx);        // Ctrl+C, or `kill <pid>`
+          conc_signal_stop(s);       // from now on a second Ctrl+C kills at once
+          wait_for_workers();
+      }
+
+   What the application must do, and why:
+   - No signal handler does the work. notify blocks the signals in the calling thread and
+     starts one thread that takes them with sigwait(). A signal sent to the process stays
+     pending until that thread takes it - provided every thread has it blocked: a thread
+     that has it unblocked may get it instead, with its old action (for SIGINT and SIGTERM,
+     death). So call notify in main before any thread starts (a thread inherits its
+     creator's mask), or block the signals yourself there first:
+
+        sigset_t set;
+        sigemptyset(&set);
+        sigaddset(&set, SIGINT);
+        sigaddset(&set, SIGTERM);
+        pthread_sigmask(SIG_BLOCK, &set, NULL);  // in main, before any pthread_create
+
+     conc.h's own threads block every signal. Threads that libraries start must be
+     started after this point too.
+   - Only signals sent to the process count: kill(1), kill(), sigqueue(), Ctrl+C in the
+     terminal. raise() and pthread_kill() aim at one thread, which has the signal blocked,
+     so it stays pending there. To start a shutdown from inside the program, call
+     conc_ctx_cancel_cause(conc_signal_ctx(s), SIGTERM), or kill(getpid(), SIGTERM).
+   - A signal whose action ignores it - SIG_IGN (nohup ignores SIGHUP, a shell's
+     background job SIGINT), or SIG_DFL for SIGCHLD, SIGURG, SIGWINCH - gets an empty
+     handler while s lives, as Go's signal.Notify un-ignores, since POSIX lets the kernel
+     drop an ignored signal instead of keeping it for sigwait(); stop puts the old action
+     back. No other action is changed. A signal already pending when notify is called
+     ends the context at once.
+   - Until stop the thread keeps taking the signals: later ones (a second Ctrl+C) are
+     swallowed, also after the context has ended through its parent. Call stop once the
+     shutdown has begun, if a second signal should have its old effect. stop unblocks the
+     signals that notify blocked, when called on the thread that called notify (a mask
+     belongs to a thread; from another thread it leaves that mask alone); signals that
+     were blocked before notify stay blocked. A signal that arrives while stop runs is
+     either swallowed or meets the old action.
+   - One owner per signal: notify with a signal that a live signal context already has
+     returns CONC_BUSY and changes nothing. Contexts on disjoint sets work side by side;
+     for several parts of a program to react to the same signal, derive their contexts
+     from one signal context.
+   - The context's after-funcs run on conc's runner thread (the signal thread never runs
+     user code), so an after-func may call conc_signal_stop.
+   - A program you start inherits the signal mask (exec keeps it): reset it for the child,
+     e.g. with posix_spawnattr_setsigmask and POSIX_SPAWN_SETSIGMASK. A signal that notify
+     un-ignored starts there with SIG_DFL, not SIG_IGN (exec resets handlers).
+
 THREAD SAFETY AND BLOCKING
 
    Every function may be called from any thread at the same time, except the _free and
@@ -196,14 +260,16 @@ ERRORS
       CONC_WOULD_BLOCK        -4  a try_ call (or try_select) could not proceed at once
       CONC_NOMEM              -5  out of memory
       CONC_INVALID            -6  an argument is invalid (NULL object, size mismatch, ...)
-      CONC_BUSY               -7  the object is still in use (free with waiters)
+      CONC_BUSY               -7  the object is still in use (free with waiters), or a
+                                  signal already has a signal context
       CONC_SYSTEM             -8  a system call failed (pthread_create, ...)
       CONC_NEGATIVE_COUNT     -9  conc_wg_add would take the counter below 0 (Go panics)
       CONC_OVER_RELEASE      -10  conc_sem_release of more than is held (Go panics)
 
 REVISION HISTORY
 
-   0.1.0  contexts, channels, select, timers, wait groups, weighted semaphores.
+   0.1.0  contexts, channels, select, timers, wait groups, weighted semaphores, signal
+          contexts (graceful shutdown).
 */
 #ifndef CONC_H_INCLUDED
 #define CONC_H_INCLUDED
@@ -376,6 +442,13 @@ CONC_API bool conc_timer_reset(conc_timer_t *t, int64_t delay_ns);
 CONC_API void conc_timer_free(conc_timer_t *t);
 CONC_API int conc_sleep(int64_t duration_ns, conc_ctx_t *ctx);
 
+/* ---- signals (>>signal) ---- */
+typedef struct conc_signal conc_signal_t;
+
+CONC_API int conc_signal_notify(conc_ctx_t *parent, const int *signals, size_t n, conc_signal_t **out);
+CONC_API conc_ctx_t *conc_signal_ctx(const conc_signal_t *s);
+CONC_API void conc_signal_stop(conc_signal_t *s);
+
 /* ==== per-function documentation ========================================
 
    conc_strerror(status)      The name of a status: a static string. A positive value (a
@@ -496,6 +569,29 @@ CONC_API int conc_sleep(int64_t duration_ns, conc_ctx_t *ctx);
    conc_timer_free(t)         Stops and frees t. NULL is a no-op.
    conc_sleep(d, ctx)         Blocks: for d ns. Returns: 0, or the ctx's err if it ends
                               first.
+
+   ---- >>signal
+   conc_signal_notify(p, sigs, n, &s)  Starts taking the n signals sigs[] (repeats allowed):
+                              blocks them in the calling thread, starts the signal thread,
+                              and puts in *s a handle whose context, a child of p (NULL =
+                              background), is cancelled with cause = the signal number when
+                              the first of them arrives (see SIGNALS). Never blocks.
+                              Returns: 0; CONC_INVALID (s NULL, sigs NULL, n 0, a number
+                              that is not a signal, SIGKILL, SIGSTOP, or one the C library
+                              keeps for itself); CONC_BUSY (a live signal context has one of
+                              them); CONC_NOMEM; CONC_SYSTEM (no thread could be started).
+                              On failure *s is NULL and nothing has changed. Thread safety:
+                              any thread, concurrently.
+   conc_signal_ctx(s)         s's context (NULL for NULL). Owned by s: do not release it;
+                              it is valid until conc_signal_stop(s), and contexts derived
+                              from it may outlive s (they end with it).
+   conc_signal_stop(s)        Ends the context with CONC_CANCELED if no signal has, wakes
+                              and joins the signal thread, puts back the actions notify
+                              replaced (see SIGNALS), and, called on the thread that called
+                              notify, unblocks what notify blocked there. Frees s; NULL is a no-op.
+                              Blocks: only for the join (the signal thread runs no user
+                              code). Thread safety: any thread (also an after-func of the
+                              context), once; the last use of s and of conc_signal_ctx(s).
 */
 
 #ifdef __cplusplus
@@ -2627,6 +2723,242 @@ CONC_API int conc_sleep(int64_t duration_ns, conc_ctx_t *ctx) {
     if (reg && atomic_load_explicit(&s.fired, CONC__RELAXED) != CONC__OWN_CTX) conc__ctx_unregister(ctx, &cw);
     conc__sel_fini(&s);
     return s.status;
+}
+
+/* ======================================================================== */
+/* >>signal: signal contexts                                                */
+/* ======================================================================== */
+/* Each conc_signal_t owns a set of signals and one thread that takes them with sigwait().
+   The signals are blocked in every thread (conc's own threads block all of them, the
+   application blocks them in its threads, notify in its caller), so the kernel keeps a
+   signal sent to the process pending until that thread takes it. No handler runs and the
+   thread may do anything: it ends the context, with its after-funcs deferred to the
+   runner thread, so that no user code runs on the signal thread (an after-func may then
+   stop the very handle whose thread cancelled it without that thread joining itself).
+
+   Waking the thread to stop: stop sets `stopping`, then pthread_kill()s the thread with
+   one of its own signals. Sent to a thread, a signal is pending on that thread alone and
+   no other thread can take it; the thread takes it with its next sigwait() at the latest,
+   so the wake is never lost. A self-pipe would need poll() and a second wait primitive;
+   this needs none. The thread reads `stopping` after every sigwait(), so the wake is never
+   taken for a delivery: any signal it takes once `stopping` is set is dropped.
+
+   Invariants:
+   - A signal is in the set of at most one live handle: notify checks and links the new
+     handle in conc__signals.list in one critical section, and a handle stays linked until
+     stop has put back the actions and the mask, so two handles never change the same
+     signal's action or mask bit.
+   - The context is ended only by the signal thread (conc__ctx_end, cause = the signal), its
+     parent, or stop's release; the handle's reference keeps it alive until the thread is
+     joined.
+   - The thread leaves only once it has read stopping == true under mu; stop sets it before
+     the wake, and joins before touching the actions, the mask or the registry.
+   Lock order: conc__signals.mu and signal.mu are each taken alone (nothing else is locked
+   while either is held). */
+
+typedef struct conc__sigslot {
+    int signo;             /* immutable */
+    bool replaced;         /* immutable after notify: the action ignored it; now the noop */
+    struct sigaction old;  /* immutable after notify: the action notify replaced */
+} conc__sigslot;
+
+struct conc_signal {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;       /* (mu) signalled by stop; waited on only after a sigwait error */
+    bool stopping;           /* (mu) set once, by stop */
+    conc_ctx_t *ctx;         /* immutable; the handle's reference, dropped by stop */
+    sigset_t set;            /* immutable: the signals taken */
+    sigset_t blocked_here;   /* immutable: those notify added to its caller's mask */
+    pthread_t caller;        /* immutable: the thread that called notify */
+    pthread_t thread;        /* immutable after notify: the signal thread */
+    conc_signal_t *next;     /* (conc__signals.mu) the registry */
+    size_t n;                /* immutable: slots */
+    conc__sigslot slots[];   /* one per distinct signal, in the order given */
+};
+
+static struct {
+    pthread_mutex_t mu;
+    conc_signal_t *list; /* (mu) live handles */
+} conc__signals = {PTHREAD_MUTEX_INITIALIZER, NULL};
+
+/* Put in place of an action that ignores the signal: the signal stays blocked, so this
+   runs only in a thread that has it unblocked against the rules, and then does what the
+   old action did: nothing. */
+static void conc__signal_noop(int signo) { (void)signo; }
+
+static bool conc__signal_is_noop(const struct sigaction *sa) {
+    return !(sa->sa_flags & SA_SIGINFO) && sa->sa_handler == conc__signal_noop;
+}
+
+/* Whether an action discards the signal. POSIX leaves it open whether such a signal,
+   blocked, is kept pending for sigwait() or dropped at once (Linux keeps it while the
+   thread it is sent to blocks it); so notify puts the noop in its place. */
+static bool conc__signal_ignored(int signo, const struct sigaction *sa) {
+    if (sa->sa_flags & SA_SIGINFO) return false;
+    if (sa->sa_handler == SIG_IGN) return true;
+    if (sa->sa_handler != SIG_DFL) return false;
+    if (signo == SIGCHLD || signo == SIGURG) return true; /* ignored by default */
+#ifdef SIGWINCH
+    if (signo == SIGWINCH) return true;
+#endif
+    return false;
+}
+
+static void *conc__signal_main(void *arg) {
+    conc_signal_t *h = (conc_signal_t *)arg;
+    for (;;) {
+        int signo = 0;
+        int rc = sigwait(&h->set, &signo);
+        if (rc == EINTR) continue; /* POSIX lets some systems return it (PITFALLS 11) */
+        bool stop;
+        CONC__LOCK(&h->mu);
+        {
+            /* cannot happen with a set notify validated; never spin on it: wait for stop */
+            if (rc != 0)
+                while (!h->stopping) pthread_cond_wait(&h->cv, &h->mu);
+            stop = h->stopping;
+        }
+        CONC__UNLOCK(&h->mu);
+        if (stop) break;
+        /* the first one ends it; later ones find it ended (swallowed, until stop) */
+        if (atomic_load_explicit(&h->ctx->err, CONC__ACQUIRE) == 0) conc__ctx_end(h->ctx, CONC_CANCELED, signo, true);
+    }
+    return NULL;
+}
+
+/* Puts back the actions notify replaced (unless the application has set its own since). */
+static void conc__signal_restore_actions(conc_signal_t *h) {
+    for (size_t i = 0; i < h->n; i++) {
+        struct sigaction cur;
+        if (!h->slots[i].replaced) continue;
+        if (sigaction(h->slots[i].signo, NULL, &cur) == 0 && conc__signal_is_noop(&cur))
+            sigaction(h->slots[i].signo, &h->slots[i].old, NULL);
+    }
+}
+
+static void conc__signal_unlink(conc_signal_t *h) {
+    CONC__LOCK(&conc__signals.mu);
+    for (conc_signal_t **p = &conc__signals.list; *p; p = &(*p)->next) {
+        if (*p == h) {
+            *p = h->next;
+            break;
+        }
+    }
+    CONC__UNLOCK(&conc__signals.mu);
+}
+
+static void conc__signal_free(conc_signal_t *h) {
+    pthread_cond_destroy(&h->cv);
+    pthread_mutex_destroy(&h->mu);
+    CONC_FREE(h);
+}
+
+CONC_API int conc_signal_notify(conc_ctx_t *parent, const int *signals, size_t n, conc_signal_t **out) {
+    sigset_t set;
+    size_t distinct = 0;
+    if (!out) return CONC_INVALID;
+    *out = NULL;
+    if (!signals || n == 0) return CONC_INVALID;
+    sigemptyset(&set);
+    for (size_t i = 0; i < n; i++) {
+        int s = signals[i];
+        if (s <= 0 || s == SIGKILL || s == SIGSTOP) return CONC_INVALID;
+        int m = sigismember(&set, s);
+        if (m < 0) return CONC_INVALID; /* not a signal, or one the C library reserves */
+        if (m == 0) {
+            if (sigaddset(&set, s) != 0) return CONC_INVALID;
+            distinct++;
+        }
+    }
+    conc_signal_t *h = (conc_signal_t *)CONC_MALLOC(sizeof *h + distinct * sizeof h->slots[0]);
+    if (!h) return CONC_NOMEM;
+    memset(h, 0, sizeof *h + distinct * sizeof h->slots[0]);
+    h->set = set;
+    sigemptyset(&h->blocked_here);
+    for (size_t i = 0; i < n; i++) {
+        bool seen = false;
+        for (size_t k = 0; k < h->n; k++) seen = seen || h->slots[k].signo == signals[i];
+        if (!seen) h->slots[h->n++].signo = signals[i];
+    }
+    conc__mutex_init(&h->mu);
+    pthread_cond_init(&h->cv, NULL);
+    h->ctx = conc_ctx_with_cancel(parent);
+    if (!h->ctx) {
+        conc__signal_free(h);
+        return CONC_NOMEM;
+    }
+
+    bool busy = false;
+    CONC__LOCK(&conc__signals.mu);
+    {
+        for (conc_signal_t *o = conc__signals.list; o && !busy; o = o->next)
+            for (size_t k = 0; k < h->n && !busy; k++) busy = sigismember(&o->set, h->slots[k].signo) == 1;
+        if (!busy) {
+            h->next = conc__signals.list;
+            conc__signals.list = h;
+        }
+    }
+    CONC__UNLOCK(&conc__signals.mu);
+    if (busy) {
+        conc_ctx_release(h->ctx);
+        conc__signal_free(h);
+        return CONC_BUSY;
+    }
+
+    /* block first: from here a signal sent to the process waits for the thread */
+    sigset_t prev, all, mine;
+    pthread_sigmask(SIG_BLOCK, &set, &prev);
+    for (size_t k = 0; k < h->n; k++)
+        if (sigismember(&prev, h->slots[k].signo) == 0) sigaddset(&h->blocked_here, h->slots[k].signo);
+    h->caller = pthread_self();
+    for (size_t k = 0; k < h->n; k++) {
+        conc__sigslot *sl = &h->slots[k];
+        if (sigaction(sl->signo, NULL, &sl->old) != 0) continue;
+        if (conc__signal_ignored(sl->signo, &sl->old)) {
+            struct sigaction sa;
+            memset(&sa, 0, sizeof sa);
+            sa.sa_handler = conc__signal_noop;
+            sigfillset(&sa.sa_mask);
+            sa.sa_flags = SA_RESTART;
+            sl->replaced = sigaction(sl->signo, &sa, NULL) == 0;
+        }
+    }
+    /* the thread starts with every signal blocked, as conc's other threads */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &mine);
+    int rc = pthread_create(&h->thread, NULL, conc__signal_main, h);
+    pthread_sigmask(SIG_SETMASK, &mine, NULL);
+    if (rc != 0) {
+        conc__signal_restore_actions(h);
+        pthread_sigmask(SIG_UNBLOCK, &h->blocked_here, NULL);
+        conc__signal_unlink(h);
+        conc_ctx_release(h->ctx);
+        conc__signal_free(h);
+        return CONC_SYSTEM;
+    }
+    *out = h;
+    return 0;
+}
+
+CONC_API conc_ctx_t *conc_signal_ctx(const conc_signal_t *s) { return s ? s->ctx : NULL; }
+
+CONC_API void conc_signal_stop(conc_signal_t *s) {
+    if (!s) return;
+    CONC__LOCK(&s->mu);
+    {
+        s->stopping = true;
+        pthread_cond_signal(&s->cv);
+    }
+    CONC__UNLOCK(&s->mu);
+    pthread_kill(s->thread, s->slots[0].signo); /* pending on that thread alone: the wake */
+    pthread_join(s->thread, NULL);
+    /* actions before the mask: a signal that came meanwhile and waits, blocked, meets the
+       old action once unblocked */
+    conc__signal_restore_actions(s);
+    if (pthread_equal(pthread_self(), s->caller)) pthread_sigmask(SIG_UNBLOCK, &s->blocked_here, NULL);
+    conc__signal_unlink(s); /* last: only now may another handle take these signals */
+    conc_ctx_release(s->ctx);
+    conc__signal_free(s);
 }
 
 #endif /* CONC__IMPLEMENTATION_DONE */
