@@ -1621,7 +1621,9 @@ CONC_API void *conc_ctx_value(const conc_ctx_t *ctx, const void *key) {
 static bool conc__ctx_can_end(const conc_ctx_t *ctx) { return ctx && ctx->can_end; }
 
 /* Registers a blocked call on ctx. Returns 0, or ctx's err if it has already ended (then
-   nothing is registered). */
+   nothing is registered). Once registered, a canceller may claim the call at any moment,
+   so the call must end in conc__sel_park (then unregister) or conc__ctx_leave: never just
+   unregister and return. */
 static int conc__ctx_register(conc_ctx_t *ctx, conc__waiter *w, conc__sel *s, int index) {
     int e;
     w->sel = s;

@@ -822,9 +822,12 @@ TEST(blocked_senders_fifo) {
     long expect[N + 2] = {100, 101};
     for (int i = 0; i < N; i++) expect[i + 2] = i;
     for (int i = 0; i < N + 2; i++) {
-        long v = -1;
+        long v = -1, late = -2;
         EXPECT_EQ(conc_chan_recv(ch, &v, NULL), 0);
         EXPECT_EQ(v, expect[i]);
+        /* while senders are queued, each freed slot goes to the first of them: a newcomer
+           never sees room (what lets a waiting send watch the count without overtaking) */
+        if (i < N) EXPECT_EQ(conc_chan_try_send(ch, &late), CONC_WOULD_BLOCK);
     }
     for (int i = 0; i < N; i++) {
         op_join(&s[i]);
