@@ -234,6 +234,36 @@ SIGNALS  (>>signal)
      e.g. with posix_spawnattr_setsigmask and POSIX_SPAWN_SETSIGMASK. A signal that notify
      un-ignored starts there with SIG_DFL, not SIG_IGN (exec resets handlers).
 
+THREADS AND LEAK CHECKS  (>>thread)
+
+   Every thread conc.h starts - conc_go's, the timer and runner threads, signal threads,
+   pool and group workers - is registered with its purpose and the file:line that started
+   it (the caller's line: functions that start threads are macros over an _at function).
+   - conc_go(wg, fn, arg) is Go's `go` with a wait group: it adds 1 to wg (NULL: none),
+     runs fn(arg) on a new thread and calls conc_wg_done(wg) when fn returns. Nobody joins
+     the thread: conc.h does, once it has ended (at the next conc_go or leak check, and at
+     exit), so Valgrind sees nothing. A thread start costs tens of microseconds: for many
+     small tasks use a pool or an errgroup, which reuse their threads.
+   - conc_threads_live() is the number of conc's threads running now, for a metrics
+     page; conc_threads_list(out, cap) describes each.
+   - A leak check for tests, as Go's goleak:
+
+        uint64_t scope = conc_leak_begin();
+        run_code_under_test();
+        conc_thread_info leaked[8];
+        size_t n;
+        if (conc_leak_check(scope, CONC_SECOND, NULL, leaked, 8, &n) != 0)
+            for (size_t i = 0; i < n && i < 8; i++)
+                fprintf(stderr, "leaked thread %s started at %s:%d\n",
+                        leaked[i].purpose, leaked[i].file, leaked[i].line);
+
+     It waits, up to the grace period, for every thread started since conc_leak_begin to
+     end (threads that are winding down get the time to), and names those still running.
+     Service threads (the timer and runner threads, which start on demand and leave after
+     a second without work) are skipped, as goleak skips the runtime's own goroutines;
+     a signal context's thread counts until conc_signal_stop, a pool's workers until its
+     free. Threads started directly with pthread_create are not seen.
+
 THREAD SAFETY AND BLOCKING
 
    Every function may be called from any thread at the same time, except the _free and
@@ -265,11 +295,12 @@ ERRORS
       CONC_SYSTEM             -8  a system call failed (pthread_create, ...)
       CONC_NEGATIVE_COUNT     -9  conc_wg_add would take the counter below 0 (Go panics)
       CONC_OVER_RELEASE      -10  conc_sem_release of more than is held (Go panics)
+      CONC_LEAKED            -11  conc_leak_check: threads started in the scope still run
 
 REVISION HISTORY
 
    0.1.0  contexts, channels, select, timers, wait groups, weighted semaphores, signal
-          contexts (graceful shutdown).
+          contexts (graceful shutdown), conc_go, thread registry and leak checks.
 */
 #ifndef CONC_H_INCLUDED
 #define CONC_H_INCLUDED
@@ -311,13 +342,14 @@ extern "C" {
     X(CONC_BUSY, -7, "object still in use")                      \
     X(CONC_SYSTEM, -8, "system call failed")                     \
     X(CONC_NEGATIVE_COUNT, -9, "wait group counter would go negative") \
-    X(CONC_OVER_RELEASE, -10, "release of more than was acquired")
+    X(CONC_OVER_RELEASE, -10, "release of more than was acquired") \
+    X(CONC_LEAKED, -11, "threads started in the scope still run")
 
 typedef enum conc_status {
 #define CONC__STATUS_ENUM(name, value, text) name = value,
     CONC__STATUS_LIST(CONC__STATUS_ENUM)
 #undef CONC__STATUS_ENUM
-    CONC__STATUS_MIN = -10
+    CONC__STATUS_MIN = -11
 } conc_status;
 
 CONC_API const char *conc_strerror(int status);
@@ -445,9 +477,30 @@ CONC_API int conc_sleep(int64_t duration_ns, conc_ctx_t *ctx);
 /* ---- signals (>>signal) ---- */
 typedef struct conc_signal conc_signal_t;
 
-CONC_API int conc_signal_notify(conc_ctx_t *parent, const int *signals, size_t n, conc_signal_t **out);
+#define conc_signal_notify(parent, signals, n, out) \
+    conc_signal_notify_at((parent), (signals), (n), (out), __FILE__, __LINE__)
+CONC_API int conc_signal_notify_at(conc_ctx_t *parent, const int *signals, size_t n, conc_signal_t **out,
+                                   const char *file, int line);
 CONC_API conc_ctx_t *conc_signal_ctx(const conc_signal_t *s);
 CONC_API void conc_signal_stop(conc_signal_t *s);
+
+/* ---- threads and leak checks (>>thread) ---- */
+typedef struct conc_thread_info {
+    uint64_t id;          /* 1, 2, ... in the order conc.h started its threads */
+    const char *purpose;  /* what it is for: "conc_go", "timer", "signal", ... */
+    const char *file;     /* the call that started it (conc.h itself for service threads) */
+    int line;
+    int64_t started_ns;   /* conc_now() when it started */
+    bool service;         /* conc's own on-demand helper (timer, runner): leak checks skip it */
+} conc_thread_info;
+
+#define conc_go(wg, fn, arg) conc_go_at((wg), (fn), (arg), __FILE__, __LINE__)
+CONC_API int conc_go_at(conc_wg_t *wg, void (*fn)(void *arg), void *arg, const char *file, int line);
+CONC_API size_t conc_threads_live(void);
+CONC_API size_t conc_threads_list(conc_thread_info *out, size_t cap);
+CONC_API uint64_t conc_leak_begin(void);
+CONC_API int conc_leak_check(uint64_t scope, int64_t grace_ns, conc_ctx_t *ctx, conc_thread_info *leaked, size_t cap,
+                             size_t *n_leaked);
 
 /* ==== per-function documentation ========================================
 
@@ -581,7 +634,8 @@ CONC_API void conc_signal_stop(conc_signal_t *s);
                               keeps for itself); CONC_BUSY (a live signal context has one of
                               them); CONC_NOMEM; CONC_SYSTEM (no thread could be started).
                               On failure *s is NULL and nothing has changed. Thread safety:
-                              any thread, concurrently.
+                              any thread, concurrently. A macro over conc_signal_notify_at
+                              (..., file, line), which registers the thread with that site.
    conc_signal_ctx(s)         s's context (NULL for NULL). Owned by s: do not release it;
                               it is valid until conc_signal_stop(s), and contexts derived
                               from it may outlive s (they end with it).
@@ -592,6 +646,31 @@ CONC_API void conc_signal_stop(conc_signal_t *s);
                               Blocks: only for the join (the signal thread runs no user
                               code). Thread safety: any thread (also an after-func of the
                               context), once; the last use of s and of conc_signal_ctx(s).
+
+   ---- >>thread
+   conc_go(wg, fn, arg)       Adds 1 to wg (unless NULL), starts a thread that runs fn(arg)
+                              then conc_wg_done(wg), and returns. The thread blocks every
+                              signal; conc.h joins it once it has ended. A macro over
+                              conc_go_at(wg, fn, arg, file, line), which records the site.
+                              Returns: 0; CONC_INVALID (fn NULL); CONC_NOMEM; CONC_SYSTEM (no
+                              thread could be started); conc_wg_add's error. On failure wg
+                              is as it was and fn does not run. Never blocks (but a thread
+                              start costs tens of us).
+   conc_threads_live()        How many threads conc.h started are running now (fn not yet
+                              returned), service threads included: a snapshot.
+   conc_threads_list(out, cap)  Describes up to cap of them in out (oldest first; out may be
+                              NULL with cap 0). Returns: how many there are.
+   conc_leak_begin()          Begins a leak-check scope: returns its mark (the id of the last
+                              thread started so far). Never blocks.
+   conc_leak_check(scope, grace, ctx, leaked, cap, &n)  Blocks: until every non-service
+                              thread started since conc_leak_begin returned scope has ended,
+                              for at most grace ns (polling with growing gaps, 1 ms to
+                              100 ms), or until ctx ends. Describes up to cap of the threads
+                              still running in leaked[] (may be NULL with cap 0) and puts
+                              their number in *n (n may be NULL). Returns: 0 (none runs);
+                              CONC_LEAKED (some still run after the grace); the ctx's err if
+                              it ended first while some still ran.
+                              Thread safety (>>thread): any thread, concurrently.
 */
 
 #ifdef __cplusplus
@@ -994,6 +1073,180 @@ done:
 }
 
 /* ======================================================================== */
+/* >>internal: the thread registry                                          */
+/* ======================================================================== */
+/* Every thread conc.h starts - the timer and runner threads, signal threads, conc_go's
+   threads, pool and group workers - goes through conc__thread_start and is listed here
+   with its purpose and the file:line that started it, for conc_threads_list and the leak
+   checks (>>thread). A record lives from just before pthread_create until the thread is
+   joined: by its owner (conc__thread_join), or, for conc_go's threads, which nobody joins,
+   by the registry (conc__threads_reap) once they have ended.
+
+   Invariants:
+   - state goes RUNNING -> ENDED once, when fn has returned (the thread touches its record
+     no more after that). live counts the RUNNING records.
+   - handle is valid once has_handle is set; has_handle and state are read and written
+     under conc__threads.mu, so a reaper that sees both has a handle to join.
+   - info is immutable once the record is listed.
+   Lock order: conc__threads.mu is a leaf (held for list updates only; nothing is taken or
+   joined under it). */
+
+enum { CONC__THREAD_SERVICE = 1u, CONC__THREAD_REAP = 2u };
+enum { CONC__TH_RUNNING, CONC__TH_ENDED };
+
+typedef struct conc__thread {
+    struct conc__thread *prev, *next; /* (threads.mu) the list, oldest first */
+    pthread_t handle;                 /* (threads.mu) valid once has_handle */
+    bool has_handle;                  /* (threads.mu) */
+    int state;                        /* (threads.mu) CONC__TH_* */
+    unsigned flags;                   /* immutable: CONC__THREAD_* */
+    void (*fn)(void *arg);            /* immutable */
+    void *arg;
+    conc_wg_t *wg;                    /* immutable: conc_go's group, done after fn */
+    conc_thread_info info;            /* immutable */
+} conc__thread;
+
+static struct {
+    pthread_mutex_t mu;
+    conc__thread *head, *tail; /* (mu) */
+    uint64_t last_id;          /* (mu) ids are 1, 2, ... in start order */
+    size_t live;               /* (mu) RUNNING records */
+} conc__threads = {PTHREAD_MUTEX_INITIALIZER, NULL, NULL, 0, 0};
+static pthread_once_t conc__threads_once = PTHREAD_ONCE_INIT;
+
+static void conc__threads_unlink(conc__thread *t) { /* threads.mu held */
+    if (t->prev) t->prev->next = t->next;
+    else conc__threads.head = t->next;
+    if (t->next) t->next->prev = t->prev;
+    else conc__threads.tail = t->prev;
+    t->prev = t->next = NULL;
+}
+
+/* Joins and frees conc_go's threads that have ended (nobody else joins them): memory and
+   the kernel's thread slot come back without waiting for the process to exit. */
+static void conc__threads_reap(void) {
+    conc__thread *ended = NULL;
+    CONC__LOCK(&conc__threads.mu);
+    {
+        conc__thread *t = conc__threads.head;
+        while (t) {
+            conc__thread *next = t->next;
+            if ((t->flags & CONC__THREAD_REAP) && t->state == CONC__TH_ENDED && t->has_handle) {
+                conc__threads_unlink(t);
+                t->next = ended;
+                ended = t;
+            }
+            t = next;
+        }
+    }
+    CONC__UNLOCK(&conc__threads.mu);
+    while (ended) {
+        conc__thread *next = ended->next;
+        pthread_join(ended->handle, NULL); /* it has ended: returns at once */
+        CONC_FREE(ended);
+        ended = next;
+    }
+}
+
+static void conc__threads_init(void) { atexit(conc__threads_reap); }
+
+static void *conc__thread_main(void *p) {
+    conc__thread *t = (conc__thread *)p;
+    t->fn(t->arg);
+    conc_wg_t *wg = t->wg; /* the record may be reaped once ENDED is seen */
+    CONC__LOCK(&conc__threads.mu);
+    {
+        t->state = CONC__TH_ENDED;
+        conc__threads.live--;
+    }
+    CONC__UNLOCK(&conc__threads.mu);
+    if (wg) conc_wg_done(wg);
+    return NULL;
+}
+
+/* Starts fn(arg) on a new thread with every signal blocked (conc's threads never take
+   signals: applications can sigwait in a thread of theirs), registered with purpose (a
+   static string) and file:line (the user's call site). flags: CONC__THREAD_*. wg: done
+   after fn returns (REAP threads). Returns 0, CONC_NOMEM or CONC_SYSTEM. */
+static int conc__thread_start_wg(conc__thread **out, void (*fn)(void *arg), void *arg, const char *purpose,
+                                 const char *file, int line, unsigned flags, conc_wg_t *wg) {
+    pthread_once(&conc__threads_once, conc__threads_init);
+    conc__thread *t = (conc__thread *)CONC_MALLOC(sizeof *t);
+    if (!t) return CONC_NOMEM;
+    memset(t, 0, sizeof *t);
+    t->state = CONC__TH_RUNNING;
+    t->flags = flags;
+    t->fn = fn;
+    t->arg = arg;
+    t->wg = wg;
+    t->info.purpose = purpose;
+    t->info.file = file;
+    t->info.line = line;
+    t->info.started_ns = conc_now();
+    t->info.service = (flags & CONC__THREAD_SERVICE) != 0;
+    CONC__LOCK(&conc__threads.mu);
+    {
+        t->info.id = ++conc__threads.last_id;
+        t->prev = conc__threads.tail;
+        if (conc__threads.tail) conc__threads.tail->next = t;
+        else conc__threads.head = t;
+        conc__threads.tail = t;
+        conc__threads.live++;
+    }
+    CONC__UNLOCK(&conc__threads.mu);
+
+    sigset_t all, old;
+    pthread_t handle;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(&handle, NULL, conc__thread_main, t);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    CONC__LOCK(&conc__threads.mu);
+    {
+        if (rc == 0) {
+            t->handle = handle;
+            t->has_handle = true;
+        } else {
+            conc__threads_unlink(t);
+            conc__threads.live--;
+        }
+    }
+    CONC__UNLOCK(&conc__threads.mu);
+    if (rc != 0) {
+        CONC_FREE(t);
+        return CONC_SYSTEM;
+    }
+    if (out) *out = t;
+    return 0;
+}
+
+static int conc__thread_start(conc__thread **out, void (*fn)(void *arg), void *arg, const char *purpose,
+                              const char *file, int line, unsigned flags) {
+    return conc__thread_start_wg(out, fn, arg, purpose, file, line, flags & ~(unsigned)CONC__THREAD_REAP, NULL);
+}
+
+/* Waits for the thread to end and frees its record. Once per record, by its owner. */
+static void conc__thread_join(conc__thread *t) {
+    pthread_t h;
+    CONC__LOCK(&conc__threads.mu);
+    h = t->handle;
+    CONC__UNLOCK(&conc__threads.mu);
+    pthread_join(h, NULL);
+    CONC__LOCK(&conc__threads.mu);
+    conc__threads_unlink(t);
+    CONC__UNLOCK(&conc__threads.mu);
+    CONC_FREE(t);
+}
+
+static pthread_t conc__thread_handle(conc__thread *t) {
+    pthread_t h;
+    CONC__LOCK(&conc__threads.mu);
+    h = t->handle;
+    CONC__UNLOCK(&conc__threads.mu);
+    return h;
+}
+
+/* ======================================================================== */
 /* >>internal: the timer thread                                             */
 /* ======================================================================== */
 /* One thread serves every deadline, timer, ticker and sleep: a binary min-heap of entries
@@ -1031,7 +1284,7 @@ typedef struct conc__deferred {
    exit. Each blocks every signal. */
 enum { CONC__TT_NONE, CONC__TT_RUNNING, CONC__TT_EXITED };
 typedef struct conc__svc {
-    pthread_t thread; /* (timers.mu) valid unless state == CONC__TT_NONE */
+    conc__thread *thread; /* (timers.mu) valid unless state == CONC__TT_NONE */
     int state;        /* (timers.mu) CONC__TT_* */
 } conc__svc;
 
@@ -1049,14 +1302,14 @@ static struct {
 static pthread_once_t conc__timers_once = PTHREAD_ONCE_INIT;
 
 static void conc__svc_join(conc__svc *svc) {
-    pthread_t t;
+    conc__thread *t;
     int state;
     CONC__LOCK(&conc__timers.mu);
     t = svc->thread;
     state = svc->state;
     CONC__UNLOCK(&conc__timers.mu);
-    if (state == CONC__TT_NONE || pthread_equal(t, pthread_self())) return; /* exit() from our own thread */
-    pthread_join(t, NULL);
+    if (state == CONC__TT_NONE || pthread_equal(conc__thread_handle(t), pthread_self())) return; /* exit() from our own thread */
+    conc__thread_join(t);
     CONC__LOCK(&conc__timers.mu);
     svc->state = CONC__TT_NONE;
     CONC__UNLOCK(&conc__timers.mu);
@@ -1100,19 +1353,14 @@ static void conc__timers_init(void) {
 }
 
 /* timers.mu held. Starts svc's thread if it has none; joins one that left while idle. */
-static int conc__svc_ensure(conc__svc *svc, void *(*main_fn)(void *)) {
+static int conc__svc_ensure(conc__svc *svc, void (*main_fn)(void *), const char *purpose) {
     if (svc->state == CONC__TT_RUNNING || conc__timers.stopping) return 0;
     if (svc->state == CONC__TT_EXITED) {
-        pthread_join(svc->thread, NULL); /* it no longer takes the lock we hold */
+        conc__thread_join(svc->thread); /* it no longer takes the lock we hold */
         svc->state = CONC__TT_NONE;
     }
-    /* conc's threads never take signals: applications can sigwait in a thread of theirs */
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    int rc = pthread_create(&svc->thread, NULL, main_fn, NULL);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (rc != 0) return CONC_SYSTEM;
+    int rc = conc__thread_start(&svc->thread, main_fn, NULL, purpose, __FILE__, __LINE__, CONC__THREAD_SERVICE);
+    if (rc != 0) return rc;
     svc->state = CONC__TT_RUNNING;
     return 0;
 }
@@ -1170,7 +1418,7 @@ static bool conc__svc_idle_wait(pthread_cond_t *cv, bool (*has_work)(void)) {
 static bool conc__heap_has_work(void) { return conc__timers.n > 0; }
 static bool conc__dq_has_work(void) { return conc__timers.dq_head != NULL; }
 
-static void *conc__timer_main(void *arg) {
+static void conc__timer_main(void *arg) {
     (void)arg;
     CONC__LOCK(&conc__timers.mu);
     while (!conc__timers.stopping) {
@@ -1196,10 +1444,9 @@ static void *conc__timer_main(void *arg) {
     }
     conc__timers.timer.state = CONC__TT_EXITED;
     CONC__UNLOCK(&conc__timers.mu);
-    return NULL;
 }
 
-static void *conc__runner_main(void *arg) {
+static void conc__runner_main(void *arg) {
     (void)arg;
     CONC__LOCK(&conc__timers.mu);
     while (conc__svc_idle_wait(&conc__timers.runner_cv, conc__dq_has_work)) {
@@ -1212,7 +1459,6 @@ static void *conc__runner_main(void *arg) {
     }
     conc__timers.runner.state = CONC__TT_EXITED;
     CONC__UNLOCK(&conc__timers.mu);
-    return NULL;
 }
 
 /* Queues a list of deferred calls (linked through next) for the runner thread; runs them
@@ -1223,7 +1469,7 @@ static void conc__defer(conc__deferred *list) {
     conc__deferred *last = list;
     while (last->next) last = last->next;
     CONC__LOCK(&conc__timers.mu);
-    int rc = conc__svc_ensure(&conc__timers.runner, conc__runner_main);
+    int rc = conc__svc_ensure(&conc__timers.runner, conc__runner_main, "deadline runner");
     if (rc == 0 && !conc__timers.stopping) {
         if (conc__timers.dq_tail) conc__timers.dq_tail->next = list;
         else conc__timers.dq_head = list;
@@ -1250,7 +1496,7 @@ static int conc__timer_add_locked(conc__tentry *e) {
         conc__timers.heap = h;
         conc__timers.cap = cap;
     }
-    int rc = conc__svc_ensure(&conc__timers.timer, conc__timer_main);
+    int rc = conc__svc_ensure(&conc__timers.timer, conc__timer_main, "timer");
     if (rc != 0) return rc;
     conc__heap_set(conc__timers.n++, e);
     conc__heap_up(e->idx);
@@ -2772,7 +3018,7 @@ struct conc_signal {
     sigset_t set;            /* immutable: the signals taken */
     sigset_t blocked_here;   /* immutable: those notify added to its caller's mask */
     pthread_t caller;        /* immutable: the thread that called notify */
-    pthread_t thread;        /* immutable after notify: the signal thread */
+    conc__thread *thread;    /* immutable after notify: the signal thread */
     conc_signal_t *next;     /* (conc__signals.mu) the registry */
     size_t n;                /* immutable: slots */
     conc__sigslot slots[];   /* one per distinct signal, in the order given */
@@ -2806,7 +3052,7 @@ static bool conc__signal_ignored(int signo, const struct sigaction *sa) {
     return false;
 }
 
-static void *conc__signal_main(void *arg) {
+static void conc__signal_main(void *arg) {
     conc_signal_t *h = (conc_signal_t *)arg;
     for (;;) {
         int signo = 0;
@@ -2825,7 +3071,6 @@ static void *conc__signal_main(void *arg) {
         /* the first one ends it; later ones find it ended (swallowed, until stop) */
         if (atomic_load_explicit(&h->ctx->err, CONC__ACQUIRE) == 0) conc__ctx_end(h->ctx, CONC_CANCELED, signo, true);
     }
-    return NULL;
 }
 
 /* Puts back the actions notify replaced (unless the application has set its own since). */
@@ -2855,7 +3100,8 @@ static void conc__signal_free(conc_signal_t *h) {
     CONC_FREE(h);
 }
 
-CONC_API int conc_signal_notify(conc_ctx_t *parent, const int *signals, size_t n, conc_signal_t **out) {
+CONC_API int conc_signal_notify_at(conc_ctx_t *parent, const int *signals, size_t n, conc_signal_t **out,
+                                   const char *file, int line) {
     sigset_t set;
     size_t distinct = 0;
     if (!out) return CONC_INVALID;
@@ -2908,7 +3154,7 @@ CONC_API int conc_signal_notify(conc_ctx_t *parent, const int *signals, size_t n
     }
 
     /* block first: from here a signal sent to the process waits for the thread */
-    sigset_t prev, all, mine;
+    sigset_t prev;
     pthread_sigmask(SIG_BLOCK, &set, &prev);
     for (size_t k = 0; k < h->n; k++)
         if (sigismember(&prev, h->slots[k].signo) == 0) sigaddset(&h->blocked_here, h->slots[k].signo);
@@ -2926,17 +3172,14 @@ CONC_API int conc_signal_notify(conc_ctx_t *parent, const int *signals, size_t n
         }
     }
     /* the thread starts with every signal blocked, as conc's other threads */
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &mine);
-    int rc = pthread_create(&h->thread, NULL, conc__signal_main, h);
-    pthread_sigmask(SIG_SETMASK, &mine, NULL);
+    int rc = conc__thread_start(&h->thread, conc__signal_main, h, "signal", file, line, 0);
     if (rc != 0) {
         conc__signal_restore_actions(h);
         pthread_sigmask(SIG_UNBLOCK, &h->blocked_here, NULL);
         conc__signal_unlink(h);
         conc_ctx_release(h->ctx);
         conc__signal_free(h);
-        return CONC_SYSTEM;
+        return rc;
     }
     *out = h;
     return 0;
@@ -2952,8 +3195,8 @@ CONC_API void conc_signal_stop(conc_signal_t *s) {
         pthread_cond_signal(&s->cv);
     }
     CONC__UNLOCK(&s->mu);
-    pthread_kill(s->thread, s->slots[0].signo); /* pending on that thread alone: the wake */
-    pthread_join(s->thread, NULL);
+    pthread_kill(conc__thread_handle(s->thread), s->slots[0].signo); /* pending on that thread alone: the wake */
+    conc__thread_join(s->thread);
     /* actions before the mask: a signal that came meanwhile and waits, blocked, meets the
        old action once unblocked */
     conc__signal_restore_actions(s);
@@ -2961,6 +3204,117 @@ CONC_API void conc_signal_stop(conc_signal_t *s) {
     conc__signal_unlink(s); /* last: only now may another handle take these signals */
     conc_ctx_release(s->ctx);
     conc__signal_free(s);
+}
+
+/* ======================================================================== */
+/* >>thread: tracked threads and leak checks                                */
+/* ======================================================================== */
+/* conc_go starts a REAP thread (see the registry above); the leak checks read the
+   registry's list. A scope is the last id issued when it began: the threads started in it
+   are those with a larger id.
+   Lock order: conc__threads.mu is a leaf; the check sleeps with no lock held. */
+
+typedef struct conc__go_args {
+    void (*fn)(void *arg);
+    void *arg;
+} conc__go_args;
+
+static void conc__go_main(void *p) {
+    conc__go_args a = *(conc__go_args *)p;
+    CONC_FREE(p);
+    a.fn(a.arg);
+}
+
+CONC_API int conc_go_at(conc_wg_t *wg, void (*fn)(void *arg), void *arg, const char *file, int line) {
+    if (!fn) return CONC_INVALID;
+    conc__threads_reap(); /* the ones that ended since the last start */
+    conc__go_args *a = (conc__go_args *)CONC_MALLOC(sizeof *a);
+    if (!a) return CONC_NOMEM;
+    a->fn = fn;
+    a->arg = arg;
+    if (wg) {
+        int rc = conc_wg_add(wg, 1);
+        if (rc != 0) {
+            CONC_FREE(a);
+            return rc;
+        }
+    }
+    int rc = conc__thread_start_wg(NULL, conc__go_main, a, "conc_go", file, line, CONC__THREAD_REAP, wg);
+    if (rc != 0) {
+        CONC_FREE(a);
+        if (wg) conc_wg_done(wg);
+    }
+    return rc;
+}
+
+CONC_API size_t conc_threads_live(void) {
+    size_t n;
+    CONC__LOCK(&conc__threads.mu);
+    n = conc__threads.live;
+    CONC__UNLOCK(&conc__threads.mu);
+    return n;
+}
+
+/* Copies up to cap running threads with an id above scope (skipping service threads
+   unless with_service) into out; returns how many there are. */
+static size_t conc__threads_snapshot(uint64_t scope, bool with_service, conc_thread_info *out, size_t cap) {
+    size_t n = 0;
+    CONC__LOCK(&conc__threads.mu);
+    for (conc__thread *t = conc__threads.head; t; t = t->next) {
+        if (t->state != CONC__TH_RUNNING || t->info.id <= scope) continue;
+        if (t->info.service && !with_service) continue;
+        if (out && n < cap) out[n] = t->info;
+        n++;
+    }
+    CONC__UNLOCK(&conc__threads.mu);
+    return n;
+}
+
+CONC_API size_t conc_threads_list(conc_thread_info *out, size_t cap) {
+    return conc__threads_snapshot(0, true, out, cap);
+}
+
+CONC_API uint64_t conc_leak_begin(void) {
+    uint64_t id;
+    CONC__LOCK(&conc__threads.mu);
+    id = conc__threads.last_id;
+    CONC__UNLOCK(&conc__threads.mu);
+    return id;
+}
+
+#define CONC__LEAK_POLL_FIRST_NS (1 * CONC_MILLISECOND)
+#define CONC__LEAK_POLL_MAX_NS (100 * CONC_MILLISECOND)
+
+CONC_API int conc_leak_check(uint64_t scope, int64_t grace_ns, conc_ctx_t *ctx, conc_thread_info *leaked, size_t cap,
+                             size_t *n_leaked) {
+    /* as goleak: threads that are winding down get a grace period, polled with growing
+       gaps (they end on their own; nothing here could be woken by it) */
+    int64_t deadline = conc_now() + (grace_ns > 0 ? grace_ns : 0);
+    int64_t gap = CONC__LEAK_POLL_FIRST_NS;
+    int rc;
+    size_t n;
+    for (;;) {
+        conc__threads_reap();
+        n = conc__threads_snapshot(scope, false, leaked, cap);
+        if (n == 0) {
+            rc = 0;
+            break;
+        }
+        int64_t left = deadline - conc_now();
+        if (left <= 0) {
+            rc = CONC_LEAKED;
+            break;
+        }
+        rc = conc_sleep(gap < left ? gap : left, ctx);
+        if (rc != 0) {
+            n = conc__threads_snapshot(scope, false, leaked, cap);
+            if (n == 0) rc = 0;
+            break;
+        }
+        gap = gap * 2 < CONC__LEAK_POLL_MAX_NS ? gap * 2 : CONC__LEAK_POLL_MAX_NS;
+    }
+    if (n_leaked) *n_leaked = n;
+    return rc;
 }
 
 #endif /* CONC__IMPLEMENTATION_DONE */
