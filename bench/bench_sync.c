@@ -7,6 +7,9 @@
    sem_weighted_pair_uncontended  one thread: conc_sem_acquire(sem, 1, NULL) +
                                   conc_sem_release(sem, 1) on a semaphore of size 2 (Go's
                                   x/sync/semaphore case; N 20 000 000).
+   go_start_wait                  conc_go(wg, empty, NULL) then conc_wg_wait: the cost of one
+                                  tracked thread, start to joined (no Go peer: a goroutine is
+                                  not a thread; a bare pthread_create+join is ~33 us here).
 
    Run `bench_sync --list`, `bench_sync --case NAME [--n N]`, or no argument (see bench.h). */
 #define CONC_IMPLEMENTATION
@@ -96,10 +99,30 @@ static int case_sem_uncontended(int64_t n, bench_out *out) {
     return 0;
 }
 
+static void empty_job(void *arg) { (void)arg; }
+
+static int case_go_start_wait(int64_t n, bench_out *out) {
+    conc_wg_t *wg = conc_wg_new();
+    if (!wg) return bench_fail("go: out of memory");
+    int bad = 0;
+    int64_t t0 = bench_now();
+    for (int64_t i = 0; i < n; i++) {
+        bad |= conc_go(wg, empty_job, NULL);
+        bad |= conc_wg_wait(wg, NULL);
+    }
+    int64_t t1 = bench_now();
+    if (bad || conc_leak_check(0, CONC_SECOND, NULL, NULL, 0, NULL) != 0) return bench_fail("go: a call failed");
+    if (conc_wg_free(wg) != 0) return bench_fail("go: free failed");
+    out->elapsed_ns = t1 - t0;
+    out->ops = n;
+    return 0;
+}
+
 static const bench_case cases[] = {
     {"wg_adddone_uncontended", 50000000, case_wg_uncontended, 0},
     {"wg_adddone_2threads", 20000000, case_wg_2threads, 0},
     {"sem_weighted_pair_uncontended", 20000000, case_sem_uncontended, 0},
+    {"go_start_wait", 20000, case_go_start_wait, 0},
 };
 
 int main(int argc, char **argv) {
