@@ -264,6 +264,29 @@ THREADS AND LEAK CHECKS  (>>thread)
      a signal context's thread counts until conc_signal_stop, a pool's workers until its
      free. Threads started directly with pthread_create are not seen.
 
+PARALLEL MAP  (>>map)
+
+   conc_parallel_map(ctx, in, in_size, out, out_size, n, limit, fn, arg) calls
+   fn(mctx, i, &in[i], &out[i], arg) for every i < n (in and out are arrays of elements of
+   in_size and out_size bytes, either may be NULL with size 0), with at most limit calls
+   in flight (0: one per CPU), and returns once all have returned:
+
+      static int square(conc_ctx_t *ctx, size_t i, const void *in, void *out, void *arg) {
+          *(double *)out = *(const double *)in * *(const double *)in;
+          return 0;                            // or a code of yours (> 0) to stop the map
+      }
+      int rc = conc_parallel_map(ctx, xs, sizeof(double), ys, sizeof(double), n, 4, square, NULL);
+
+   - Results land at their input's index, whatever order the calls run in.
+   - The first non-zero return of fn cancels mctx (a child of ctx, cause = that value):
+     calls not yet started never start, calls running see mctx end; the map returns that
+     first value, never a later one. If ctx ends, the same happens and the map returns its
+     err. An item that did not run leaves its out[i] untouched; 0 means every item ran.
+   - The caller's thread is one of the workers and limit-1 threads are started per call
+     (registered as "parallel map", site of the call) and joined before it returns; if no
+     thread can be started, fewer workers do the work. Indices are claimed in chunks that
+     shrink as the work runs out, so a cheap fn costs a few ns per item.
+
 THREAD SAFETY AND BLOCKING
 
    Every function may be called from any thread at the same time, except the _free and
@@ -502,6 +525,14 @@ CONC_API uint64_t conc_leak_begin(void);
 CONC_API int conc_leak_check(uint64_t scope, int64_t grace_ns, conc_ctx_t *ctx, conc_thread_info *leaked, size_t cap,
                              size_t *n_leaked);
 
+/* ---- parallel map (>>map) ---- */
+typedef int (*conc_map_fn)(conc_ctx_t *ctx, size_t i, const void *in, void *out, void *arg);
+
+#define conc_parallel_map(ctx, in, in_size, out, out_size, n, limit, fn, arg) \
+    conc_parallel_map_at((ctx), (in), (in_size), (out), (out_size), (n), (limit), (fn), (arg), __FILE__, __LINE__)
+CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_size, void *out, size_t out_size,
+                                  size_t n, size_t limit, conc_map_fn fn, void *arg, const char *file, int line);
+
 /* ==== per-function documentation ========================================
 
    conc_strerror(status)      The name of a status: a static string. A positive value (a
@@ -671,6 +702,17 @@ CONC_API int conc_leak_check(uint64_t scope, int64_t grace_ns, conc_ctx_t *ctx, 
                               CONC_LEAKED (some still run after the grace); the ctx's err if
                               it ended first while some still ran.
                               Thread safety (>>thread): any thread, concurrently.
+
+   ---- >>map
+   conc_parallel_map(ctx, in, in_size, out, out_size, n, limit, fn, arg)  Blocks: until
+                              fn has returned for every item it was called for (see
+                              PARALLEL MAP). Returns: 0 (fn returned 0 for all n items);
+                              fn's first non-zero value; ctx's err if it ended before every
+                              item had run; CONC_INVALID (fn NULL; in or out NULL with a
+                              non-zero size; n * size overflows); CONC_NOMEM. n == 0 returns
+                              0 at once. A macro over conc_parallel_map_at(..., file, line).
+                              Thread safety: any thread, concurrently; fn runs on several
+                              threads at once.
 */
 
 #ifdef __cplusplus
@@ -3314,6 +3356,111 @@ CONC_API int conc_leak_check(uint64_t scope, int64_t grace_ns, conc_ctx_t *ctx, 
         gap = gap * 2 < CONC__LEAK_POLL_MAX_NS ? gap * 2 : CONC__LEAK_POLL_MAX_NS;
     }
     if (n_leaked) *n_leaked = n;
+    return rc;
+}
+
+/* ======================================================================== */
+/* >>map: parallel map                                                      */
+/* ======================================================================== */
+/* The caller and up to limit-1 registered threads take indices from one counter, in
+   chunks that shrink as the work runs out (a quarter of an equal share of what is left,
+   at most CONC__MAP_CHUNK_MAX): cheap functions do not fight over the counter's cache
+   line, and the tail stays balanced. Every worker checks the map's context before each
+   item, so once it ends no item starts.
+
+   Invariants:
+   - An index is claimed by exactly one worker (CAS on next), and that worker runs it at
+     most once: out[i] is written by fn(i) alone, or not at all.
+   - first_err goes from 0 to the first non-zero return of fn once; its setter then cancels
+     the map's context with that cause. The result is first_err, else 0 if every item ran,
+     else the context's err (only an ended context skips items).
+   - The threads are joined before the call returns: nothing outlives it.
+   Lock order: none (atomics; fn runs with no conc lock held). */
+
+#define CONC__MAP_CHUNK_MAX 1024
+
+typedef struct conc__map {
+    conc_ctx_t *ctx; /* the map's context, a child of the caller's */
+    const char *in;
+    char *out;
+    size_t in_size, out_size, n, workers;
+    conc_map_fn fn;
+    void *arg;
+    _Atomic size_t next;   /* the first index no worker has claimed */
+    _Atomic size_t ran;    /* items fn returned 0 for (added per worker at its end) */
+    _Atomic int first_err; /* 0, then the first non-zero return of fn */
+} conc__map;
+
+static void conc__map_work(void *p) {
+    conc__map *m = (conc__map *)p;
+    size_t ran = 0;
+    size_t start = atomic_load_explicit(&m->next, CONC__RELAXED);
+    while (start < m->n) {
+        size_t take = (m->n - start) / (4 * m->workers);
+        take = take < 1 ? 1 : take > CONC__MAP_CHUNK_MAX ? CONC__MAP_CHUNK_MAX : take;
+        if (!atomic_compare_exchange_weak_explicit(&m->next, &start, start + take, CONC__RELAXED, CONC__RELAXED))
+            continue; /* start now holds the current value */
+        for (size_t i = start; i < start + take; i++) {
+            if (conc_ctx_err(m->ctx) != 0) goto out;
+            int rc = m->fn(m->ctx, i, m->in ? m->in + i * m->in_size : NULL, m->out ? m->out + i * m->out_size : NULL,
+                           m->arg);
+            if (rc != 0) {
+                int none = 0;
+                if (atomic_compare_exchange_strong_explicit(&m->first_err, &none, rc, CONC__ACQ_REL, CONC__ACQUIRE))
+                    conc_ctx_cancel_cause(m->ctx, rc);
+                goto out;
+            }
+            ran++;
+        }
+        start = atomic_load_explicit(&m->next, CONC__RELAXED);
+    }
+out:
+    atomic_fetch_add_explicit(&m->ran, ran, CONC__RELAXED); /* read after the joins */
+}
+
+#define CONC__MAP_STACK_THREADS 16
+
+CONC_API int conc_parallel_map_at(conc_ctx_t *parent, const void *in, size_t in_size, void *out, size_t out_size,
+                                  size_t n, size_t limit, conc_map_fn fn, void *arg, const char *file, int line) {
+    if (!fn || (n > 0 && ((!in && in_size) || (!out && out_size)))) return CONC_INVALID;
+    if (n > 0 && ((in_size && n > SIZE_MAX / in_size) || (out_size && n > SIZE_MAX / out_size))) return CONC_INVALID;
+    if (n == 0) return 0;
+    conc__map m;
+    m.ctx = conc_ctx_with_cancel(parent);
+    if (!m.ctx) return CONC_NOMEM;
+    m.in = (const char *)in;
+    m.out = (char *)out;
+    m.in_size = in_size;
+    m.out_size = out_size;
+    m.n = n;
+    m.workers = limit ? limit : (size_t)conc__ncpu();
+    if (m.workers > n) m.workers = n;
+    m.fn = fn;
+    m.arg = arg;
+    atomic_init(&m.next, 0);
+    atomic_init(&m.ran, 0);
+    atomic_init(&m.first_err, 0);
+
+    /* the caller is one of the workers; if threads cannot be had, fewer do the work */
+    conc__thread *stack_threads[CONC__MAP_STACK_THREADS];
+    conc__thread **threads = stack_threads;
+    size_t helpers = m.workers - 1, started = 0;
+    if (helpers > CONC__MAP_STACK_THREADS) {
+        threads = (conc__thread **)CONC_MALLOC(helpers * sizeof *threads);
+        if (!threads) {
+            threads = stack_threads;
+            helpers = CONC__MAP_STACK_THREADS;
+        }
+    }
+    for (; started < helpers; started++)
+        if (conc__thread_start(&threads[started], conc__map_work, &m, "parallel map", file, line, 0) != 0) break;
+    conc__map_work(&m);
+    for (size_t i = 0; i < started; i++) conc__thread_join(threads[i]);
+    if (threads != stack_threads) CONC_FREE(threads);
+
+    int rc = atomic_load_explicit(&m.first_err, CONC__ACQUIRE);
+    if (rc == 0 && atomic_load_explicit(&m.ran, CONC__RELAXED) != n) rc = conc_ctx_err(m.ctx);
+    conc_ctx_release(m.ctx);
     return rc;
 }
 

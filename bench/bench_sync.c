@@ -10,6 +10,10 @@
    go_start_wait                  conc_go(wg, empty, NULL) then conc_wg_wait: the cost of one
                                   tracked thread, start to joined (no Go peer: a goroutine is
                                   not a thread; a bare pthread_create+join is ~33 us here).
+   parallel_map_1M_empty          conc_parallel_map over N int64 (out = in + 1), limit 2;
+                                  ns per item, thread starts included.
+   parallel_map_1M_1us            the same with ~1 us of busy work per item: 2 workers on 2
+                                  CPUs, so ideal is ~500 ns per item.
 
    Run `bench_sync --list`, `bench_sync --case NAME [--n N]`, or no argument (see bench.h). */
 #define CONC_IMPLEMENTATION
@@ -118,11 +122,46 @@ static int case_go_start_wait(int64_t n, bench_out *out) {
     return 0;
 }
 
+static int map_inc(conc_ctx_t *ctx, size_t i, const void *in, void *out, void *arg) {
+    (void)ctx, (void)i, (void)arg;
+    *(int64_t *)out = *(const int64_t *)in + 1;
+    return 0;
+}
+
+static int map_inc_1us(conc_ctx_t *ctx, size_t i, const void *in, void *out, void *arg) {
+    int64_t t0 = bench_now();
+    while (bench_now() - t0 < 1000) {
+    }
+    return map_inc(ctx, i, in, out, arg);
+}
+
+static int map_case(int64_t n, bench_out *out, conc_map_fn fn) {
+    int64_t *in = (int64_t *)malloc((size_t)n * sizeof *in), *res = (int64_t *)malloc((size_t)n * sizeof *res);
+    if (!in || !res) return bench_fail("map: out of memory");
+    for (int64_t i = 0; i < n; i++) in[i] = i, res[i] = 0; /* no page faults in the timing */
+    int64_t t0 = bench_now();
+    int rc = conc_parallel_map(NULL, in, sizeof *in, res, sizeof *res, (size_t)n, 2, fn, NULL);
+    int64_t t1 = bench_now();
+    int64_t wrong = 0;
+    for (int64_t i = 0; i < n; i++) wrong += res[i] != i + 1;
+    free(in);
+    free(res);
+    if (rc != 0 || wrong) return bench_fail("map: failed or wrong results");
+    out->elapsed_ns = t1 - t0;
+    out->ops = n;
+    return 0;
+}
+
+static int case_map_empty(int64_t n, bench_out *out) { return map_case(n, out, map_inc); }
+static int case_map_1us(int64_t n, bench_out *out) { return map_case(n, out, map_inc_1us); }
+
 static const bench_case cases[] = {
     {"wg_adddone_uncontended", 50000000, case_wg_uncontended, 0},
     {"wg_adddone_2threads", 20000000, case_wg_2threads, 0},
     {"sem_weighted_pair_uncontended", 20000000, case_sem_uncontended, 0},
     {"go_start_wait", 20000, case_go_start_wait, 0},
+    {"parallel_map_1M_empty", 1000000, case_map_empty, 0},
+    {"parallel_map_1M_1us", 1000000, case_map_1us, 0},
 };
 
 int main(int argc, char **argv) {
