@@ -159,6 +159,64 @@ SEMAPHORES  (>>sem)
      more than is held returns CONC_OVER_RELEASE and changes nothing (Go panics).
    - conc_sem_try_acquire fails while others wait, even if n would fit (Go's TryAcquire).
 
+ONCE  (>>once)
+
+   A conc_once_t runs an initialiser exactly once, as Go's sync.Once and
+   sync.OnceValue(s). It needs no new or free, so it can be a static:
+
+      static conc_once_t tables_once = CONC_ONCE_INIT;   // or zeroed memory
+      int rc = conc_once_do(&tables_once, load_tables, NULL, ctx);
+
+   - The first caller runs fn(arg) on its own thread; callers that come while fn runs
+     block until it returns; every caller, then and later, gets what fn returned - also a
+     failure: fn never runs again (Go's OnceValue caches an error too). To retry after a
+     failure, use a new once. conc_once_do_value is the same for an fn that also gives a
+     pointer (Go's OnceValues): status and pointer are both kept.
+   - A caller that has to wait takes a context: if ctx ends first, it returns ctx's err;
+     fn keeps running and a later call gets its result. If ctx ends at the instant fn
+     returns, the call returns one or the other, never a mix, and leaves nothing behind.
+     The caller that runs fn never waits, so it ignores ctx (also one that has ended), and
+     a call on a once that is done returns the result at once, whatever ctx says.
+   - fn's status shares the int with conc's own: return 0 or a positive code of your own
+     to tell fn's results from CONC_RECURSIVE and a ctx's err.
+   - A once runs one fn: the fn and arg of later calls are ignored.
+   - fn calling its own once (directly or deeper down, on its thread) gets CONC_RECURSIVE
+     at once (Go deadlocks). Two onces whose fns wait for each other on two threads still
+     deadlock, as in Go, unless a context ends the wait. fn must return: no
+     pthread_exit, longjmp or C++ exception out of it (the once would stay running).
+   - Once done, a call costs one acquire load (about a nanosecond). A once must not be
+     copied, moved or freed while a call on it runs; there is no reset. Waiting callers
+     are kept in a small table of locks shared by all onces, inside the implementation:
+     with CONC_STATIC, use a once only from the file that holds its copy.
+
+RATE LIMITERS  (>>limiter)
+
+   conc_limiter_new(rate, burst) is a token bucket, as golang.org/x/time/rate's Limiter:
+   tokens accrue at rate per second up to burst, and the bucket starts full. An event
+   takes n tokens:
+   - conc_limiter_allow(l, n) takes them if they are there now, else returns false.
+   - conc_limiter_wait(l, n, ctx) reserves them now and sleeps until they exist. If ctx's
+     deadline comes before they would, it returns CONC_DEADLINE_EXCEEDED at once and takes
+     nothing (the ctx itself has not ended: x/time/rate's "would exceed context
+     deadline"); if ctx ends while it sleeps, it gives the tokens back (those no later
+     reservation counts on) and returns ctx's err. Waiters act in the order they
+     reserved: each one's time is fixed when it calls.
+   - conc_limiter_reserve(l, n, &r) takes them now, on credit if need be, and says when
+     they may be used (conc_reservation_delay); conc_reservation_cancel gives back what no
+     later reservation has counted on, as x/time/rate's Reservation.Cancel.
+   - n > burst can never be satisfied: CONC_INVALID (x/time/rate's Wait errors, its
+     Reserve is not ok). n == 0 is always granted at once (x/time/rate would make it wait
+     out a debt).
+   - Accuracy: the bucket is computed from CLOCK_MONOTONIC nanoseconds, not refilled by a
+     timer, and does not drift: while there are waiters, exactly burst + rate * t events
+     go through in t, however late each waiter wakes (a waiter's lateness does not delay
+     the next one's time). Tokens that would go beyond burst are lost, so a bucket that
+     nobody asks of for a while (or whose callers are all descheduled) loses that time's
+     capacity, as x/time/rate's does. A wait never returns before its time.
+   - rate > 0 (INFINITY: no limit, any n granted); burst >= 0. The rate and burst are
+     fixed for the limiter's life.
+   - conc_limiter_free refuses (CONC_BUSY) while waits are sleeping on the limiter.
+
 TIMERS  (>>timer)
 
    conc_timer_after(d) and conc_timer_tick(period) give a timer whose channel
@@ -319,11 +377,15 @@ ERRORS
       CONC_NEGATIVE_COUNT     -9  conc_wg_add would take the counter below 0 (Go panics)
       CONC_OVER_RELEASE      -10  conc_sem_release of more than is held (Go panics)
       CONC_LEAKED            -11  conc_leak_check: threads started in the scope still run
+      CONC_RECURSIVE         -12  a once's fn called that once (conc_once_do/_value; Go
+                                  deadlocks there)
 
 REVISION HISTORY
 
    0.1.0  contexts, channels, select, timers, wait groups, weighted semaphores, signal
-          contexts (graceful shutdown), conc_go, thread registry and leak checks.
+          contexts (graceful shutdown), conc_go, thread registry and leak checks,
+          parallel map, once (Go's sync.Once/OnceValue, with a context on the wait), rate
+          limiters (x/time/rate's token bucket: allow, wait, reserve/cancel).
 */
 #ifndef CONC_H_INCLUDED
 #define CONC_H_INCLUDED
@@ -366,13 +428,14 @@ extern "C" {
     X(CONC_SYSTEM, -8, "system call failed")                     \
     X(CONC_NEGATIVE_COUNT, -9, "wait group counter would go negative") \
     X(CONC_OVER_RELEASE, -10, "release of more than was acquired") \
-    X(CONC_LEAKED, -11, "threads started in the scope still run")
+    X(CONC_LEAKED, -11, "threads started in the scope still run") \
+    X(CONC_RECURSIVE, -12, "once called from inside its own function")
 
 typedef enum conc_status {
 #define CONC__STATUS_ENUM(name, value, text) name = value,
     CONC__STATUS_LIST(CONC__STATUS_ENUM)
 #undef CONC__STATUS_ENUM
-    CONC__STATUS_MIN = -11
+    CONC__STATUS_MIN = -12
 } conc_status;
 
 CONC_API const char *conc_strerror(int status);
@@ -485,6 +548,43 @@ CONC_API int conc_sem_acquire(conc_sem_t *sem, int64_t n, conc_ctx_t *ctx);
 CONC_API int conc_sem_try_acquire(conc_sem_t *sem, int64_t n);
 CONC_API int conc_sem_release(conc_sem_t *sem, int64_t n);
 CONC_API int64_t conc_sem_available(conc_sem_t *sem);
+
+/* ---- once (>>once) ---- */
+typedef struct conc_once {
+    int state;     /* private: 0 new, 1 running, 2 done (read atomically by conc.h) */
+    int result;    /* private: the status fn returned */
+    void *value;   /* private: the value fn gave (conc_once_do_value) */
+    void *owner;   /* private: names the thread running fn */
+    void *waiters; /* private: callers blocked until fn returns */
+} conc_once_t;
+
+/* A new once, for static or automatic storage; zeroed memory is a new once too. */
+#define CONC_ONCE_INIT {0, 0, NULL, NULL, NULL}
+
+CONC_API int conc_once_do(conc_once_t *once, int (*fn)(void *arg), void *arg, conc_ctx_t *ctx);
+CONC_API int conc_once_do_value(conc_once_t *once, int (*fn)(void *arg, void **value), void *arg, void **value,
+                                conc_ctx_t *ctx);
+CONC_API bool conc_once_done(conc_once_t *once);
+
+/* ---- rate limiters (>>limiter) ---- */
+typedef struct conc_limiter conc_limiter_t;
+
+/* Filled by conc_limiter_reserve; the caller owns it (no free). */
+typedef struct conc_reservation {
+    conc_limiter_t *lim; /* private */
+    int64_t tokens;      /* private: tokens taken; 0 once cancelled */
+    int64_t time_to_act; /* private: conc_now() time the tokens exist */
+    bool ok;             /* private: the reservation was made */
+} conc_reservation_t;
+
+CONC_API conc_limiter_t *conc_limiter_new(double rate_per_s, int64_t burst);
+CONC_API int conc_limiter_free(conc_limiter_t *lim);
+CONC_API bool conc_limiter_allow(conc_limiter_t *lim, int64_t n);
+CONC_API int conc_limiter_wait(conc_limiter_t *lim, int64_t n, conc_ctx_t *ctx);
+CONC_API int conc_limiter_reserve(conc_limiter_t *lim, int64_t n, conc_reservation_t *r);
+CONC_API int64_t conc_reservation_delay(const conc_reservation_t *r);
+CONC_API void conc_reservation_cancel(conc_reservation_t *r);
+CONC_API double conc_limiter_tokens(conc_limiter_t *lim);
 
 /* ---- timers (>>timer) ---- */
 typedef struct conc_timer conc_timer_t;
@@ -640,6 +740,63 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_siz
    conc_sem_available(sem)    Permits not held now (size - held; 0 for NULL): a snapshot.
                               Thread safety (every >>sem function but free): any thread,
                               concurrently.
+
+   ---- >>once
+   conc_once_do(o, fn, arg, ctx)  Runs fn(arg) if no call on o has run it. Blocks: while
+                              another thread runs o's fn, until it returns or ctx ends (the
+                              caller that runs fn never waits and ignores ctx). Returns:
+                              what fn returned, to every caller for ever (a failure too);
+                              the ctx's err if ctx ended while waiting (fn keeps running:
+                              a later call gets its result); CONC_RECURSIVE if called from
+                              inside o's own fn on its thread (nothing runs);
+                              CONC_INVALID (o or fn NULL). Keep fn's results apart from
+                              conc's negative codes (0 or a positive code of your own).
+                              Once done: one acquire load, whatever ctx says. Thread
+                              safety: any thread, concurrently.
+   conc_once_do_value(o, fn, arg, &v, ctx)  As conc_once_do for fn(arg, &value) that also
+                              gives a pointer (Go's OnceValues); *v gets that pointer (v may
+                              be NULL). Returns: as conc_once_do (fn's status). On any
+                              other outcome (ctx's err, CONC_RECURSIVE, CONC_INVALID) *v is
+                              NULL; after a conc_once_do ran o, *v is NULL.
+   conc_once_done(o)          Whether o's fn has returned (false for NULL). Never blocks.
+
+   ---- >>limiter
+   conc_limiter_new(rate, burst)  A full bucket of burst >= 0 tokens refilled at rate
+                              tokens per second (> 0; INFINITY: no limit). Returns NULL
+                              when out of memory or on a bad argument (rate <= 0 or NaN,
+                              burst < 0).
+   conc_limiter_free(l)       Returns: 0, or CONC_BUSY (nothing freed) while waits sleep on
+                              l. NULL is a no-op (0). Reservations on l must not be used
+                              afterwards; free only after every call on l has returned.
+   conc_limiter_allow(l, n)   Takes n tokens if they are there now. Never blocks. Returns:
+                              true if taken; false if not (nothing taken), also for n >
+                              burst, n < 0, l NULL. n == 0: true.
+   conc_limiter_wait(l, n, ctx)  Reserves n tokens and sleeps until they exist. Blocks:
+                              until then, or until ctx ends. Returns: 0 (taken);
+                              CONC_DEADLINE_EXCEEDED at once, taking nothing, if ctx's
+                              deadline comes before the tokens would (ctx itself may not
+                              have ended yet); the ctx's err if it had ended (nothing
+                              taken) or ends while waiting (the tokens no later
+                              reservation counts on are given back); CONC_INVALID (l NULL,
+                              n < 0, n > burst with a finite rate). n == 0 returns 0 at
+                              once unless ctx has ended. If ctx ends just as the tokens
+                              come due, whichever came first wins: 0, or ctx's err with
+                              the tokens spent (x/time/rate does the same).
+   conc_limiter_reserve(l, n, &r)  Takes n tokens now, on credit if need be. Never blocks.
+                              Returns: 0 (conc_reservation_delay(&r) says when to act);
+                              CONC_INVALID (l NULL, n < 0, n > burst: r is then not ok, its
+                              delay INT64_MAX and its cancel a no-op). r may be NULL (the
+                              tokens are taken all the same).
+   conc_reservation_delay(&r) Nanoseconds from now until r's tokens exist: 0 if they do,
+                              INT64_MAX if r is not ok (or NULL). Act on r only after that.
+   conc_reservation_cancel(&r)  Gives back r's tokens, minus those a later reservation has
+                              counted on (x/time/rate's Reservation.Cancel); nothing if
+                              their time has come (they are spent). Idempotent; NULL and
+                              a reservation that is not ok are no-ops. Thread safety: any
+                              thread, but not concurrently on the same reservation.
+   conc_limiter_tokens(l)     Tokens in the bucket now (negative: reserved ahead); a
+                              snapshot (0 for NULL). Thread safety (every >>limiter function
+                              but free): any thread, concurrently.
 
    ---- >>timer
    conc_timer_after(d)        One value after d ns. Returns NULL when out of memory.
@@ -2874,6 +3031,419 @@ CONC_API int64_t conc_sem_available(conc_sem_t *sem) {
     a = sem->size - sem->held;
     CONC__UNLOCK(&sem->mu);
     return a;
+}
+
+/* ======================================================================== */
+/* >>once: run a function exactly once                                      */
+/* ======================================================================== */
+/* A conc_once_t is the user's object, static or zeroed, with no constructor and no
+   destructor, and the public zone does not include <pthread.h>: it cannot hold a mutex.
+   Its state word is guarded by a mutex from a small global table, chosen by hashing the
+   once's address (unrelated onces rarely share one; a table lock is held for a few
+   instructions, never across fn, so fn may use other onces that hash to the same lock).
+   Blocked callers park on their own conc__sel as every blocked call in conc.h does; the
+   list head lives in the once.
+
+   Invariants:
+   - state goes NEW -> RUNNING -> DONE, each step under the table lock. DONE is stored with
+     release after result and value are written, so the fast path (an acquire load that
+     reads DONE) may read them without the lock. Helgrind does not see that edge: under
+     Valgrind the fast path is skipped and the lock always taken (TSan checks the fast
+     path, Helgrind the locked protocol).
+   - owner (table lock) is &conc__once_self of the thread running fn while RUNNING, else
+     NULL: a caller that finds RUNNING and itself as owner is fn recursing.
+   - waiters (table lock): a doubly linked list (through prev/next, head only) of blocked
+     callers, linked only while RUNNING. A waiter is completed by claiming its sel: the
+     runner claims with index 0 when fn has returned, the waiter's context with
+     CONC__OWN_CTX when it ends. The claim decides: claimed by the runner = the result,
+     by the context = the ctx's err (fn keeps running; a later call gets its result).
+   - The runner unlinks every waiter when it sets DONE, in the same critical section, and
+     wakes only those it claimed, after unlocking. A waiter its context claimed unlinks
+     itself under the lock if it is still linked, so none outlives its frame; the runner
+     touches a stale waiter only while holding the lock that its owner must take.
+   - Happens-before for the result: the runner writes result/value before the release
+     store (fast path), before taking the lock to set DONE (lock path), and before the
+     wake (a woken waiter's park is the acquire).
+   Lock order: once table lock -> ctx.mu (a waiter registers on its context under the
+   table lock). Nothing is held while fn runs. */
+
+#define CONC__ONCE_NEW 0
+#define CONC__ONCE_RUNNING 1
+#define CONC__ONCE_DONE 2
+#define CONC__ONCE_LOCKS 64 /* a power of two */
+
+static pthread_mutex_t conc__once_locks[CONC__ONCE_LOCKS];
+static pthread_once_t conc__once_locks_once = PTHREAD_ONCE_INIT;
+static _Thread_local char conc__once_self; /* its address names the thread while it lives */
+
+_Static_assert(sizeof(_Atomic int) == sizeof(int) && _Alignof(_Atomic int) == _Alignof(int),
+               "conc_once_t's int state is accessed as an _Atomic int");
+
+static void conc__once_locks_init(void) {
+    for (int i = 0; i < CONC__ONCE_LOCKS; i++) conc__mutex_init(&conc__once_locks[i]);
+}
+
+static pthread_mutex_t *conc__once_lock(const conc_once_t *o) {
+    uint64_t a = (uint64_t)(uintptr_t)o;
+    a ^= a >> 7;
+    a *= 0x9E3779B97F4A7C15u;
+    pthread_once(&conc__once_locks_once, conc__once_locks_init);
+    return &conc__once_locks[(a >> 32) & (CONC__ONCE_LOCKS - 1)];
+}
+
+static _Atomic int *conc__once_state(conc_once_t *o) { return (_Atomic int *)(void *)&o->state; }
+
+/* The fast path: fn has returned and its result may be read without the lock. */
+static inline bool conc__once_is_done(conc_once_t *o) {
+    return !CONC__ON_VALGRIND() && atomic_load_explicit(conc__once_state(o), CONC__ACQUIRE) == CONC__ONCE_DONE;
+}
+
+/* Runs fn (or fnv) if no one has, else waits for whoever runs it. Returns 0 once o is DONE
+   (its result may then be read), CONC_RECURSIVE, or ctx's err. */
+static int conc__once_slow(conc_once_t *o, int (*fn)(void *), int (*fnv)(void *, void **), void *arg,
+                           conc_ctx_t *ctx) {
+    pthread_mutex_t *mu = conc__once_lock(o);
+    conc__sel s;
+    conc__waiter w, cw;
+    CONC__LOCK(mu);
+    int st = atomic_load_explicit(conc__once_state(o), CONC__RELAXED);
+    if (st == CONC__ONCE_DONE) {
+        CONC__UNLOCK(mu);
+        return 0;
+    }
+    if (st == CONC__ONCE_NEW) {
+        conc__waiter *wake = NULL, *x, *next;
+        atomic_store_explicit(conc__once_state(o), CONC__ONCE_RUNNING, CONC__RELAXED);
+        o->owner = (void *)&conc__once_self;
+        CONC__UNLOCK(mu);
+
+        void *v = NULL; /* fn writes here, not into o: a recursive call may write its own out */
+        int r = fn ? fn(arg) : fnv(arg, &v); /* no lock held: fn may block, use other onces */
+        o->result = r;
+        o->value = v;
+
+        CONC__LOCK(mu);
+        {
+            o->owner = NULL;
+            atomic_store_explicit(conc__once_state(o), CONC__ONCE_DONE, CONC__RELEASE);
+            for (x = (conc__waiter *)o->waiters; x; x = next) {
+                next = x->next;
+                x->prev = x->next = NULL;
+                x->queued = false;
+                if (!conc__sel_claim(x->sel, 0)) continue; /* its context won: stale */
+                x->sel->status = 0;
+                x->next = wake;
+                wake = x;
+            }
+            o->waiters = NULL;
+        }
+        CONC__UNLOCK(mu);
+        conc__wake_list(wake);
+        return 0;
+    }
+    if (o->owner == (void *)&conc__once_self) {
+        CONC__UNLOCK(mu);
+        return CONC_RECURSIVE; /* fn called its own once: Go deadlocks here */
+    }
+
+    /* RUNNING on another thread: wait for it, or for ctx. */
+    bool reg = conc__ctx_can_end(ctx);
+    conc__sel_init(&s);
+    if (reg) {
+        int e = conc__ctx_register(ctx, &cw, &s, CONC__OWN_CTX);
+        if (e) {
+            CONC__UNLOCK(mu);
+            conc__sel_fini(&s);
+            return e;
+        }
+    }
+    w.sel = &s;
+    w.elem = NULL;
+    w.case_index = 0;
+    w.since = 0;
+    w.prev = NULL;
+    w.next = (conc__waiter *)o->waiters;
+    if (w.next) w.next->prev = &w;
+    o->waiters = &w;
+    w.queued = true;
+    CONC__UNLOCK(mu);
+
+    conc__sel_park(&s);
+    if (atomic_load_explicit(&s.fired, CONC__RELAXED) == CONC__OWN_CTX) {
+        CONC__LOCK(mu);
+        if (w.queued) {
+            if (w.prev) w.prev->next = w.next;
+            else o->waiters = w.next;
+            if (w.next) w.next->prev = w.prev;
+            w.queued = false;
+        }
+        CONC__UNLOCK(mu);
+    } else if (reg) {
+        conc__ctx_unregister(ctx, &cw); /* fn has returned: the result is ours, whatever ctx says */
+    }
+    conc__sel_fini(&s);
+    return s.status;
+}
+
+CONC_API int conc_once_do(conc_once_t *once, int (*fn)(void *arg), void *arg, conc_ctx_t *ctx) {
+    if (!once || !fn) return CONC_INVALID;
+    if (!conc__once_is_done(once)) {
+        int rc = conc__once_slow(once, fn, NULL, arg, ctx);
+        if (rc != 0) return rc;
+    }
+    return once->result;
+}
+
+CONC_API int conc_once_do_value(conc_once_t *once, int (*fn)(void *arg, void **value), void *arg, void **value,
+                                conc_ctx_t *ctx) {
+    if (value) *value = NULL;
+    if (!once || !fn) return CONC_INVALID;
+    if (!conc__once_is_done(once)) {
+        int rc = conc__once_slow(once, NULL, fn, arg, ctx);
+        if (rc != 0) return rc;
+    }
+    if (value) *value = once->value;
+    return once->result;
+}
+
+CONC_API bool conc_once_done(conc_once_t *once) {
+    if (!once) return false;
+    if (CONC__ON_VALGRIND()) {
+        pthread_mutex_t *mu = conc__once_lock(once);
+        int st;
+        CONC__LOCK(mu);
+        st = atomic_load_explicit(conc__once_state(once), CONC__RELAXED);
+        CONC__UNLOCK(mu);
+        return st == CONC__ONCE_DONE;
+    }
+    return atomic_load_explicit(conc__once_state(once), CONC__ACQUIRE) == CONC__ONCE_DONE;
+}
+
+/* ======================================================================== */
+/* >>limiter: token-bucket rate limiters                                    */
+/* ======================================================================== */
+/* golang.org/x/time/rate's design: nothing refills the bucket on a clock; its content is
+   computed from the time elapsed since `last`, and may go negative: a reservation takes its
+   tokens at once, and the debt says how long until they exist. A waiter then sleeps until
+   its time to act (conc_sleep on its context); there is no queue, and the order in which
+   waiters may act is fixed by the order in which they reserved.
+
+   Accuracy: tokens is a double brought up to date with (now - last) * per_ns, where now and
+   last are integer conc_now() nanoseconds, so the bucket does not drift: a late wake-up
+   does not delay the next reservation (its time comes from the debt, not from when the
+   previous caller woke), and rounding does not accumulate (a duration computed from tokens
+   is rounded up to the next nanosecond, so nobody acts early). Over any span in which the
+   bucket never reaches burst, exactly burst + rate * span tokens are handed out; it
+   reaches burst only when nobody asks (all reservations are due), and what it cannot hold
+   then is lost, as in x/time/rate. `overflow` counts that loss, so a test can check the
+   books exactly whatever the scheduler does:
+       tokens handed out + overflow + tokens == burst + rate * (last - created)
+
+   Invariants:
+   - tokens <= burst, and last never moves backwards. The clock is read before locking
+     (a clock read costs ~25 ns: kept out of the critical section); a time older than
+     last is taken as last (conc__lim_time), which only makes that caller see the bucket
+     as it was at last. (x/time/rate moves last back there and credits the span twice.)
+   - A reservation changes tokens/last only if it is granted (a refused allow leaves the
+     bucket as it was: the next look recomputes the same content from the same last).
+   - last_event is the latest time to act handed out (or as restored by a cancel): a
+     reservation's cancel gives back only what no later reservation has counted on,
+     x/time/rate's rule: tokens - (last_event - its time to act) * rate.
+   - sleepers counts waits sleeping on a reservation (free refuses while it is not 0).
+   - inf (rate infinite): every request is granted at once; nothing is counted.
+   Lock order: limiter.mu is a leaf; a waiter sleeps without it. */
+
+struct conc_limiter {
+    pthread_mutex_t mu;
+    double per_ns;      /* immutable: tokens per nanosecond */
+    bool inf;           /* immutable: no limit */
+    int64_t burst;      /* immutable */
+    int64_t created;    /* immutable: conc_now() at new, the first last */
+    double tokens;      /* (mu) content at time last; negative = debt */
+    int64_t last;       /* (mu) when tokens was last brought up to date */
+    int64_t last_event; /* (mu) latest time to act handed out */
+    double overflow;    /* (mu) tokens the burst cap threw away (for tests and diagnostics) */
+    int64_t sleepers;   /* (mu) waits sleeping on a reservation */
+};
+
+/* mu held. now, read before locking, made no earlier than last. */
+static int64_t conc__lim_time(const conc_limiter_t *l, int64_t now) { return now < l->last ? l->last : now; }
+
+/* Nanoseconds until tok tokens accrue, rounded up; INT64_MAX if beyond range. */
+static int64_t conc__lim_dur(const conc_limiter_t *l, double tok) {
+    if (tok <= 0) return 0;
+    double d = tok / l->per_ns;
+    if (!(d < 9.0e18)) return INT64_MAX;
+    int64_t n = (int64_t)d;
+    return (double)n < d ? n + 1 : n;
+}
+
+/* mu held. The bucket's content at now (>= last), and in *over what the cap cut off. */
+static double conc__lim_content(const conc_limiter_t *l, int64_t now, double *over) {
+    double t = l->tokens + (double)(now - l->last) * l->per_ns;
+    *over = 0;
+    if (t > (double)l->burst) {
+        *over = t - (double)l->burst;
+        t = (double)l->burst;
+    }
+    return t;
+}
+
+/* mu held. x/time/rate's reserveN: takes n tokens if their time to act is within
+   max_wait of now; fills r. */
+static void conc__lim_reserve_locked(conc_limiter_t *l, int64_t now, int64_t n, int64_t max_wait,
+                                     conc_reservation_t *r) {
+    double over;
+    r->lim = l;
+    r->tokens = 0;
+    r->time_to_act = now;
+    r->ok = false;
+    if (l->inf || n == 0) { /* nothing to count (x/time/rate would make n == 0 wait out a debt) */
+        r->ok = true;
+        return;
+    }
+    if (n > l->burst) return;
+    double t = conc__lim_content(l, now, &over) - (double)n;
+    int64_t wait = conc__lim_dur(l, -t);
+    if (wait > max_wait) return;
+    r->ok = true;
+    r->tokens = n;
+    r->time_to_act = wait > INT64_MAX - now ? INT64_MAX : now + wait;
+    l->tokens = t;
+    l->last = now;
+    l->overflow += over;
+    if (r->time_to_act > l->last_event) l->last_event = r->time_to_act;
+}
+
+/* mu held. x/time/rate's CancelAt(now), made idempotent (r->tokens = 0 afterwards). */
+static void conc__lim_cancel_locked(conc_limiter_t *l, conc_reservation_t *r, int64_t now) {
+    if (l->inf || r->tokens == 0) return;
+    if (r->time_to_act >= now) { /* tokens already due are spent */
+        double restore = (double)r->tokens - (double)(l->last_event - r->time_to_act) * l->per_ns;
+        if (restore > 0) {
+            double over;
+            double t = conc__lim_content(l, now, &over) + restore;
+            if (t > (double)l->burst) {
+                over += t - (double)l->burst;
+                t = (double)l->burst;
+            }
+            l->tokens = t;
+            l->last = now;
+            l->overflow += over;
+            if (r->time_to_act == l->last_event) {
+                /* the latest reservation is gone: the one before it is the latest */
+                int64_t prev = r->time_to_act - conc__lim_dur(l, (double)r->tokens);
+                if (prev >= now) l->last_event = prev;
+            }
+        }
+    }
+    r->tokens = 0;
+}
+
+CONC_API conc_limiter_t *conc_limiter_new(double rate_per_s, int64_t burst) {
+    if (!(rate_per_s > 0) || burst < 0) return NULL; /* also NaN */
+    conc_limiter_t *l = (conc_limiter_t *)CONC_MALLOC(sizeof *l);
+    if (!l) return NULL;
+    memset(l, 0, sizeof *l);
+    conc__mutex_init(&l->mu);
+    l->inf = rate_per_s - rate_per_s != 0; /* inf - inf is NaN: isinf() without <math.h> */
+    l->per_ns = l->inf ? 0 : rate_per_s / 1e9;
+    l->burst = burst;
+    l->tokens = (double)burst; /* starts full, as x/time/rate */
+    l->created = l->last = l->last_event = conc_now();
+    return l;
+}
+
+CONC_API int conc_limiter_free(conc_limiter_t *lim) {
+    if (!lim) return 0;
+    bool busy;
+    CONC__LOCK(&lim->mu);
+    busy = lim->sleepers != 0;
+    CONC__UNLOCK(&lim->mu);
+    if (busy) return CONC_BUSY;
+    pthread_mutex_destroy(&lim->mu);
+    CONC_FREE(lim);
+    return 0;
+}
+
+CONC_API int conc_limiter_reserve(conc_limiter_t *lim, int64_t n, conc_reservation_t *r) {
+    conc_reservation_t tmp;
+    if (!r) r = &tmp;
+    r->lim = lim;
+    r->tokens = 0;
+    r->time_to_act = 0;
+    r->ok = false;
+    if (!lim || n < 0) return CONC_INVALID;
+    int64_t now = conc_now();
+    CONC__LOCK(&lim->mu);
+    conc__lim_reserve_locked(lim, conc__lim_time(lim, now), n, INT64_MAX, r);
+    CONC__UNLOCK(&lim->mu);
+    return r->ok ? 0 : CONC_INVALID; /* with no bound on the wait only n > burst fails */
+}
+
+CONC_API bool conc_limiter_allow(conc_limiter_t *lim, int64_t n) {
+    conc_reservation_t r;
+    if (!lim || n < 0) return false;
+    int64_t now = conc_now();
+    CONC__LOCK(&lim->mu);
+    conc__lim_reserve_locked(lim, conc__lim_time(lim, now), n, 0, &r);
+    CONC__UNLOCK(&lim->mu);
+    return r.ok;
+}
+
+CONC_API int64_t conc_reservation_delay(const conc_reservation_t *r) {
+    if (!r || !r->ok) return INT64_MAX;
+    int64_t d = r->time_to_act - conc_now();
+    return d > 0 ? d : 0;
+}
+
+CONC_API void conc_reservation_cancel(conc_reservation_t *r) {
+    if (!r || !r->ok || !r->lim || r->tokens == 0) return;
+    conc_limiter_t *l = r->lim;
+    int64_t now = conc_now();
+    CONC__LOCK(&l->mu);
+    conc__lim_cancel_locked(l, r, conc__lim_time(l, now));
+    CONC__UNLOCK(&l->mu);
+}
+
+CONC_API int conc_limiter_wait(conc_limiter_t *lim, int64_t n, conc_ctx_t *ctx) {
+    conc_reservation_t r;
+    int64_t deadline, now;
+    if (!lim || n < 0 || (n > lim->burst && !lim->inf)) return CONC_INVALID;
+    int e = conc_ctx_err(ctx);
+    if (e) return e;
+    bool has_deadline = conc_ctx_deadline(ctx, &deadline);
+    now = conc_now();
+    CONC__LOCK(&lim->mu);
+    {
+        now = conc__lim_time(lim, now);
+        int64_t max_wait = !has_deadline ? INT64_MAX : deadline > now ? deadline - now : 0;
+        conc__lim_reserve_locked(lim, now, n, max_wait, &r);
+        if (r.ok && r.time_to_act > now) lim->sleepers++;
+    }
+    CONC__UNLOCK(&lim->mu);
+    if (!r.ok) return CONC_DEADLINE_EXCEEDED; /* the deadline would pass first: no wait, nothing taken */
+    if (r.time_to_act <= now) return 0;
+    /* conc_sleep's timer fires at conc_now() + d >= time_to_act: never early */
+    e = conc_sleep(r.time_to_act - now, ctx);
+    now = conc_now();
+    CONC__LOCK(&lim->mu);
+    {
+        lim->sleepers--;
+        if (e) conc__lim_cancel_locked(lim, &r, conc__lim_time(lim, now)); /* give back what no later one counts on */
+    }
+    CONC__UNLOCK(&lim->mu); /* the last touch of lim: free may run as soon as it is unlocked */
+    return e;
+}
+
+CONC_API double conc_limiter_tokens(conc_limiter_t *lim) {
+    double t, over;
+    if (!lim) return 0;
+    int64_t now = conc_now();
+    CONC__LOCK(&lim->mu);
+    t = lim->inf ? (double)lim->burst : conc__lim_content(lim, conc__lim_time(lim, now), &over);
+    CONC__UNLOCK(&lim->mu);
+    return t;
 }
 
 /* ======================================================================== */
