@@ -325,11 +325,11 @@ THREADS AND LEAK CHECKS  (>>thread)
 PARALLEL MAP  (>>map)
 
    conc_parallel_map(ctx, in, in_size, out, out_size, n, limit, fn, arg) calls
-   fn(mctx, i, &in[i], &out[i], arg) for every i < n (in and out are arrays of elements of
+   fn(i, &in[i], &out[i], arg, mctx) for every i < n (in and out are arrays of elements of
    in_size and out_size bytes, either may be NULL with size 0), with at most limit calls
    in flight (0: one per CPU), and returns once all have returned:
 
-      static int square(conc_ctx_t *ctx, size_t i, const void *in, void *out, void *arg) {
+      static int square(size_t i, const void *in, void *out, void *arg, conc_ctx_t *ctx) {
           *(double *)out = *(const double *)in * *(const double *)in;
           return 0;                            // or a code of yours (> 0) to stop the map
       }
@@ -626,7 +626,7 @@ CONC_API int conc_leak_check(uint64_t scope, int64_t grace_ns, conc_ctx_t *ctx, 
                              size_t *n_leaked);
 
 /* ---- parallel map (>>map) ---- */
-typedef int (*conc_map_fn)(conc_ctx_t *ctx, size_t i, const void *in, void *out, void *arg);
+typedef int (*conc_map_fn)(size_t i, const void *in, void *out, void *arg, conc_ctx_t *ctx);
 
 #define conc_parallel_map(ctx, in, in_size, out, out_size, n, limit, fn, arg) \
     conc_parallel_map_at((ctx), (in), (in_size), (out), (out_size), (n), (limit), (fn), (arg), __FILE__, __LINE__)
@@ -3972,8 +3972,8 @@ static void conc__map_work(void *p) {
             continue; /* start now holds the current value */
         for (size_t i = start; i < start + take; i++) {
             if (conc_ctx_err(m->ctx) != 0) goto out;
-            int rc = m->fn(m->ctx, i, m->in ? m->in + i * m->in_size : NULL, m->out ? m->out + i * m->out_size : NULL,
-                           m->arg);
+            int rc = m->fn(i, m->in ? m->in + i * m->in_size : NULL, m->out ? m->out + i * m->out_size : NULL, m->arg,
+                           m->ctx);
             if (rc != 0) {
                 int none = 0;
                 if (atomic_compare_exchange_strong_explicit(&m->first_err, &none, rc, CONC__ACQ_REL, CONC__ACQUIRE))

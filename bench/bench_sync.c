@@ -130,17 +130,17 @@ static int case_go_start_wait(int64_t n, bench_out *out) {
     return 0;
 }
 
-static int map_inc(conc_ctx_t *ctx, size_t i, const void *in, void *out, void *arg) {
+static int map_inc(size_t i, const void *in, void *out, void *arg, conc_ctx_t *ctx) {
     (void)ctx, (void)i, (void)arg;
     *(int64_t *)out = *(const int64_t *)in + 1;
     return 0;
 }
 
-static int map_inc_1us(conc_ctx_t *ctx, size_t i, const void *in, void *out, void *arg) {
+static int map_inc_1us(size_t i, const void *in, void *out, void *arg, conc_ctx_t *ctx) {
     int64_t t0 = bench_now();
     while (bench_now() - t0 < 1000) {
     }
-    return map_inc(ctx, i, in, out, arg);
+    return map_inc(i, in, out, arg, ctx);
 }
 
 static int map_case(int64_t n, bench_out *out, conc_map_fn fn) {

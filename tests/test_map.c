@@ -13,7 +13,7 @@
 #include <stdatomic.h>
 #include <string.h>
 
-static int square(conc_ctx_t *ctx, size_t i, const void *in, void *out, void *arg) {
+static int square(size_t i, const void *in, void *out, void *arg, conc_ctx_t *ctx) {
     (void)ctx, (void)i, (void)arg;
     int64_t x = *(const int64_t *)in;
     *(int64_t *)out = x * x;
@@ -50,7 +50,7 @@ typedef struct wide {
     char text[40];
 } wide;
 
-static int spell(conc_ctx_t *ctx, size_t i, const void *in, void *out, void *arg) {
+static int spell(size_t i, const void *in, void *out, void *arg, conc_ctx_t *ctx) {
     (void)ctx, (void)arg;
     const unsigned char *b = (const unsigned char *)in;
     snprintf(((wide *)out)->text, sizeof(wide), "%zu:%u.%u.%u", i, b[0], b[1], b[2]);
@@ -59,7 +59,7 @@ static int spell(conc_ctx_t *ctx, size_t i, const void *in, void *out, void *arg
 
 static atomic_long calls;
 
-static int count_call(conc_ctx_t *ctx, size_t i, const void *in, void *out, void *arg) {
+static int count_call(size_t i, const void *in, void *out, void *arg, conc_ctx_t *ctx) {
     (void)ctx, (void)i, (void)arg;
     if (in || out) return 1;
     atomic_fetch_add(&calls, 1);
@@ -87,7 +87,7 @@ TEST(map_invalid_arguments) {
 }
 
 /* limit 1 runs every item on the caller's thread, in order */
-static int record_order(conc_ctx_t *ctx, size_t i, const void *in, void *out, void *arg) {
+static int record_order(size_t i, const void *in, void *out, void *arg, conc_ctx_t *ctx) {
     (void)ctx, (void)in;
     pthread_t *caller = (pthread_t *)arg;
     *(size_t *)out = pthread_equal(*caller, pthread_self()) ? i : (size_t)-1;
@@ -112,7 +112,7 @@ typedef struct flight {
 
 static _Thread_local int flight_gen_seen;
 
-static int in_flight(conc_ctx_t *ctx, size_t i, const void *in, void *out, void *arg) {
+static int in_flight(size_t i, const void *in, void *out, void *arg, conc_ctx_t *ctx) {
     (void)ctx, (void)in, (void)out;
     flight *f = (flight *)arg;
     int k = atomic_fetch_add(&f->now, 1) + 1;
@@ -150,7 +150,7 @@ typedef struct firsterr {
     atomic_int cause_ok;
 } firsterr;
 
-static int fail_at_seven(conc_ctx_t *ctx, size_t i, const void *in, void *out, void *arg) {
+static int fail_at_seven(size_t i, const void *in, void *out, void *arg, conc_ctx_t *ctx) {
     (void)in, (void)out;
     firsterr *e = (firsterr *)arg;
     atomic_fetch_add(&e->ran, 1);
@@ -179,7 +179,7 @@ typedef struct parent_arg {
     atomic_int ran;
 } parent_arg;
 
-static int cancel_parent_at_50(conc_ctx_t *ctx, size_t i, const void *in, void *out, void *arg) {
+static int cancel_parent_at_50(size_t i, const void *in, void *out, void *arg, conc_ctx_t *ctx) {
     (void)in;
     parent_arg *p = (parent_arg *)arg;
     atomic_fetch_add(&p->ran, 1);
@@ -218,7 +218,7 @@ typedef struct stress_map {
     uint64_t seed;
 } stress_map;
 
-static int stress_item(conc_ctx_t *ctx, size_t i, const void *in, void *out, void *arg) {
+static int stress_item(size_t i, const void *in, void *out, void *arg, conc_ctx_t *ctx) {
     (void)ctx, (void)in;
     stress_map *s = (stress_map *)arg;
     atomic_fetch_add(&s->runs[i], 1);
