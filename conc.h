@@ -189,6 +189,79 @@ ONCE  (>>once)
      are kept in a small table of locks shared by all onces, inside the implementation:
      with CONC_STATIC, use a once only from the file that holds its copy.
 
+POOLS  (>>pool)
+
+   conc_pool_new(workers, cap, parent) starts `workers` threads and a job queue of `cap`
+   jobs; the pool's context is a child of parent (NULL = background). A job is a function
+   and an argument, int fn(void *arg, conc_ctx_t *ctx), called on a worker with the pool's
+   context (conc_pool_ctx). Its threads are registered (>>thread) as "pool worker" with the
+   file:line of the conc_pool_new call, and they are reused for every job.
+
+   - conc_pool_submit(p, fn, arg, ctx) hands the job to a waiting worker, else queues it,
+     else blocks until a worker or a slot frees up (returning the ctx's err if ctx ends
+     first: the job was then not taken). With cap 0 the pool is a pure hand-off, as an
+     unbuffered Go channel ranged over by the workers: a submit returns once a waiting
+     worker has the job, so at most `workers` jobs are accepted and not finished, and the
+     submitter feels backpressure at once. conc_pool_try_submit never blocks and returns
+     CONC_WOULD_BLOCK where submit would block (fail fast).
+   - Exactly once: a submit that returns 0 gave its job to the pool, and the job then runs
+     exactly once or, if a shutdown gives up waiting, is reported unrun exactly once; any
+     other return means the job was not taken and never will be - also when its context
+     ends at the very moment a worker frees up.
+   - Order: blocked submitters are served in arrival order; queued jobs start in order.
+   - conc_pool_submit_future(p, fn, arg, &f, ctx) also gives a future: conc_future_wait(f,
+     &result, ctx) blocks until the job has run and returns 0 with what it returned, or
+     CONC_SHUTDOWN if it never will (reported unrun); any number of threads may wait on it.
+     conc_future_free(f) may come before the job has run (the result is then dropped).
+     No thread is started per job or per future.
+   - conc_pool_shutdown(p, unrun, unrun_arg, ctx): from its first call on, submits return
+     CONC_SHUTDOWN (blocked ones too, at once); queued and running jobs are drained, then
+     the workers are joined and it returns 0. If ctx ends first it cancels the pool's
+     context (so running jobs can stop early), takes every job still queued out of the
+     queue and calls unrun(fn, arg, unrun_arg) for each (and completes its future with
+     CONC_SHUTDOWN), then returns the ctx's err without waiting for the running jobs: call
+     shutdown again, or free, to wait for them. Nothing is dropped silently.
+   - The pool's context ending (its parent cancelled) does not stop the pool: jobs still
+     run and see their context ended.
+   - Statistics (conc_pool_stats_get): jobs submitted, completed, rejected (try_submit on a
+     saturated pool, submits after shutdown began), cancelled while blocked, unrun; how
+     many submits blocked and for how long in total; the queue's high-water mark; queued
+     and running now.
+   - conc_pool_free(p) shuts down without a deadline (drains everything), joins and frees.
+     It must be the last use of p.
+
+ERRGROUPS  (>>group)
+
+   Go's golang.org/x/sync/errgroup, with errgroup.WithContext: conc_group_new(parent) makes
+   a group whose context (conc_group_ctx) is a child of parent.
+
+   - conc_group_go(g, fn, arg, ctx) runs fn(arg, group ctx) on one of the group's
+     threads. Threads are started on demand and reused: a task goes to a thread that has
+     finished its last task, and a new thread is started only when none waits. They are
+     registered as "errgroup worker" with the file:line of the conc_group_new call (not of
+     the go that happened to start them), and joined by conc_group_free.
+   - fn returns 0 or an error: a positive code of the user's own, or a conc status. The
+     first non-zero one cancels the group's context with that error as its cause
+     (conc_ctx_cause) and is what conc_group_wait returns; later errors never replace it.
+     conc_group_errors(g, out, cap) lists every error in the order they were recorded, each
+     with its task's arg, so none is lost.
+   - conc_group_wait(g, ctx) blocks until every task has returned, then cancels the group's
+     context (as Go's Wait does) and returns the first error, or 0. If ctx ends first it
+     returns the ctx's err and the tasks go on; conc_group_try_wait never blocks
+     (CONC_WOULD_BLOCK while tasks run).
+   - conc_group_set_limit(g, n): at most n tasks run at once; conc_group_go blocks while n
+     run (that is why it takes a context: it returns the ctx's err if that ends first, and
+     the task is then not started), conc_group_try_go returns CONC_WOULD_BLOCK. n < 0: no
+     limit (the default); 0: no task can be added. As in Go the limit may change only while
+     no task runs (CONC_BUSY otherwise; Go panics). With a limit the group never has more
+     than n threads. A go never runs the task on the calling thread: a task may wait for
+     something its caller does after go returns.
+   - Without a limit every task gets a thread of its own while it runs (tasks may wait for
+     each other, as goroutines may), so a burst of blocking tasks starts as many threads;
+     they stay, waiting, until conc_group_free.
+   - A group can be reused after wait (its context stays cancelled, as in Go).
+   - conc_group_free(g) waits for the tasks still running, joins the threads and frees.
+
 RATE LIMITERS  (>>limiter)
 
    conc_limiter_new(rate, burst) is a token bucket, as golang.org/x/time/rate's Limiter:
@@ -379,13 +452,17 @@ ERRORS
       CONC_LEAKED            -11  conc_leak_check: threads started in the scope still run
       CONC_RECURSIVE         -12  a once's fn called that once (conc_once_do/_value; Go
                                   deadlocks there)
+      CONC_SHUTDOWN          -13  the pool or group is shutting down or shut down (submit
+                                  after conc_pool_shutdown began; a future whose job was
+                                  reported unrun)
 
 REVISION HISTORY
 
    0.1.0  contexts, channels, select, timers, wait groups, weighted semaphores, signal
           contexts (graceful shutdown), conc_go, thread registry and leak checks,
           parallel map, once (Go's sync.Once/OnceValue, with a context on the wait), rate
-          limiters (x/time/rate's token bucket: allow, wait, reserve/cancel).
+          limiters (x/time/rate's token bucket: allow, wait, reserve/cancel), worker pools
+          with futures, error groups (x/sync/errgroup with limits and every error).
 */
 #ifndef CONC_H_INCLUDED
 #define CONC_H_INCLUDED
@@ -429,13 +506,14 @@ extern "C" {
     X(CONC_NEGATIVE_COUNT, -9, "wait group counter would go negative") \
     X(CONC_OVER_RELEASE, -10, "release of more than was acquired") \
     X(CONC_LEAKED, -11, "threads started in the scope still run") \
-    X(CONC_RECURSIVE, -12, "once called from inside its own function")
+    X(CONC_RECURSIVE, -12, "once called from inside its own function") \
+    X(CONC_SHUTDOWN, -13, "pool or group shut down")
 
 typedef enum conc_status {
 #define CONC__STATUS_ENUM(name, value, text) name = value,
     CONC__STATUS_LIST(CONC__STATUS_ENUM)
 #undef CONC__STATUS_ENUM
-    CONC__STATUS_MIN = -12
+    CONC__STATUS_MIN = -13
 } conc_status;
 
 CONC_API const char *conc_strerror(int status);
@@ -565,6 +643,78 @@ CONC_API int conc_once_do(conc_once_t *once, int (*fn)(void *arg), void *arg, co
 CONC_API int conc_once_do_value(conc_once_t *once, int (*fn)(void *arg, void **value), void *arg, void **value,
                                 conc_ctx_t *ctx);
 CONC_API bool conc_once_done(conc_once_t *once);
+
+/* ---- pools (>>pool) ---- */
+typedef struct conc_pool conc_pool_t;
+typedef struct conc_future conc_future_t;
+
+/* A job or a group task: gets its argument and the pool's (group's) context; returns 0, a
+   positive code of the user's own, or a conc status. */
+typedef int (*conc_task_fn)(void *arg, conc_ctx_t *ctx);
+/* Told about each accepted job that never ran (a shutdown whose context ended first). */
+typedef void (*conc_pool_unrun_fn)(conc_task_fn fn, void *arg, void *unrun_arg);
+
+typedef struct conc_pool_stats {
+    uint64_t submitted;   /* jobs accepted (submit / try_submit returned 0) */
+    uint64_t completed;   /* jobs that ran and returned */
+    uint64_t rejected;    /* try_submits that found the pool saturated; submits once shut down */
+    uint64_t canceled;    /* blocked submits whose context ended first (the job was not taken) */
+    uint64_t unrun;       /* accepted jobs that never ran: reported by conc_pool_shutdown */
+    uint64_t blocked;     /* submits that had to wait for a worker or for room */
+    int64_t blocked_ns;   /* total time those submits waited */
+    size_t high_water;    /* most jobs ever queued at once (0 with a queue of capacity 0) */
+    size_t queued;        /* jobs queued now */
+    size_t running;       /* jobs running (or handed to a worker) now */
+} conc_pool_stats;
+
+/* workers >= 1 threads, a queue of `cap` jobs (0: hand-off), context derived from parent. */
+#define conc_pool_new(workers, cap, parent) conc_pool_new_at((workers), (cap), (parent), __FILE__, __LINE__)
+CONC_API conc_pool_t *conc_pool_new_at(size_t workers, size_t cap, conc_ctx_t *parent, const char *file, int line);
+CONC_API void conc_pool_free(conc_pool_t *pool);
+CONC_API int conc_pool_submit(conc_pool_t *pool, conc_task_fn fn, void *arg, conc_ctx_t *ctx);
+CONC_API int conc_pool_try_submit(conc_pool_t *pool, conc_task_fn fn, void *arg);
+CONC_API int conc_pool_submit_future(conc_pool_t *pool, conc_task_fn fn, void *arg, conc_future_t **out,
+                                     conc_ctx_t *ctx);
+CONC_API int conc_pool_try_submit_future(conc_pool_t *pool, conc_task_fn fn, void *arg, conc_future_t **out);
+CONC_API int conc_pool_shutdown(conc_pool_t *pool, conc_pool_unrun_fn unrun, void *unrun_arg, conc_ctx_t *ctx);
+CONC_API conc_ctx_t *conc_pool_ctx(const conc_pool_t *pool);
+CONC_API void conc_pool_stats_get(conc_pool_t *pool, conc_pool_stats *out);
+
+CONC_API int conc_future_wait(conc_future_t *f, int *result, conc_ctx_t *ctx);
+CONC_API int conc_future_try_wait(conc_future_t *f, int *result);
+CONC_API int conc_future_free(conc_future_t *f);
+
+/* ---- error groups (>>group) ---- */
+typedef struct conc_group conc_group_t;
+
+typedef struct conc_group_error {
+    int err;   /* what the task returned (non-zero) */
+    void *arg; /* the task's argument: which task it was */
+} conc_group_error;
+
+typedef struct conc_group_stats {
+    uint64_t started;     /* tasks accepted (go / try_go returned 0) */
+    uint64_t finished;    /* tasks that returned */
+    uint64_t failed;      /* of those, how many returned non-zero */
+    uint64_t blocked;     /* go calls that waited for the limit */
+    int64_t blocked_ns;   /* total time they waited */
+    uint64_t threads;     /* threads ever started for the group's tasks */
+    size_t running;       /* tasks running now */
+} conc_group_stats;
+
+/* A group whose context is a child of parent; its threads are registered with this call's
+   file:line. */
+#define conc_group_new(parent) conc_group_new_at((parent), __FILE__, __LINE__)
+CONC_API conc_group_t *conc_group_new_at(conc_ctx_t *parent, const char *file, int line);
+CONC_API void conc_group_free(conc_group_t *g);
+CONC_API int conc_group_set_limit(conc_group_t *g, int64_t n);
+CONC_API int conc_group_go(conc_group_t *g, conc_task_fn fn, void *arg, conc_ctx_t *ctx);
+CONC_API int conc_group_try_go(conc_group_t *g, conc_task_fn fn, void *arg);
+CONC_API int conc_group_wait(conc_group_t *g, conc_ctx_t *ctx);
+CONC_API int conc_group_try_wait(conc_group_t *g);
+CONC_API size_t conc_group_errors(conc_group_t *g, conc_group_error *out, size_t cap);
+CONC_API conc_ctx_t *conc_group_ctx(const conc_group_t *g);
+CONC_API void conc_group_stats_get(conc_group_t *g, conc_group_stats *out);
 
 /* ---- rate limiters (>>limiter) ---- */
 typedef struct conc_limiter conc_limiter_t;
@@ -759,6 +909,83 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_siz
                               other outcome (ctx's err, CONC_RECURSIVE, CONC_INVALID) *v is
                               NULL; after a conc_once_do ran o, *v is NULL.
    conc_once_done(o)          Whether o's fn has returned (false for NULL). Never blocks.
+
+   ---- >>pool
+   conc_pool_new(workers, cap, parent)  A macro over conc_pool_new_at(..., __FILE__,
+                              __LINE__): starts workers (>= 1) registered threads with a
+                              queue of cap jobs (0: hand-off) and a context derived from
+                              parent (NULL = background). Returns: the pool, or NULL (workers
+                              0, out of memory, or a thread could not be started; nothing is
+                              left running).
+   conc_pool_free(p)          conc_pool_shutdown(p, NULL, NULL, NULL) if not done, joins the
+                              workers, frees. Blocks: until the running jobs return. NULL is a
+                              no-op. Thread safety: the last use of p.
+   conc_pool_submit(p, fn, arg, ctx)  Blocks: while no worker waits and the queue is full.
+                              Returns: 0 (accepted: runs, or is reported unrun, exactly once);
+                              the ctx's err (not taken); CONC_SHUTDOWN (shutdown has begun, also
+                              while it blocked); CONC_INVALID (p or fn NULL).
+   conc_pool_try_submit(p, fn, arg)  Never blocks. Returns: CONC_WOULD_BLOCK where submit
+                              would block; otherwise as submit.
+   conc_pool_submit_future(p, fn, arg, &f, ctx) / conc_pool_try_submit_future(p, fn, arg, &f)
+                              As submit / try_submit, and on 0 puts in *f a future for the
+                              job's result (free it with conc_future_free); on failure *f is
+                              NULL. Returns also CONC_NOMEM (no future), CONC_INVALID (f NULL).
+   conc_pool_shutdown(p, unrun, unrun_arg, ctx)  Stops accepting and refuses blocked submits;
+                              Blocks: until queued and running jobs are done and the workers
+                              joined, or ctx ends. Returns: 0; or the ctx's err, after
+                              cancelling the pool's context and calling unrun(fn, arg,
+                              unrun_arg) (may be NULL) on this thread for every job still
+                              queued (their futures complete with CONC_SHUTDOWN); jobs running
+                              then go on. CONC_INVALID (p NULL). May be called again.
+   conc_pool_ctx(p)           The pool's context (owned by p; valid until free).
+   conc_pool_stats_get(p, &s) A consistent snapshot of p's statistics (blocked_ns may lag by
+                              the submits returning at that moment).
+   conc_future_wait(f, &r, ctx)  Blocks: until the job has run. Returns: 0 with the job's
+                              return value in r (r may be NULL); CONC_SHUTDOWN (the job never
+                              ran: shutdown reported it); the ctx's err; CONC_INVALID (f NULL).
+                              May be called again, from any number of threads.
+   conc_future_try_wait(f, &r)  Never blocks. CONC_WOULD_BLOCK until the job has run; then as
+                              conc_future_wait.
+   conc_future_free(f)        Frees the caller's handle (the job keeps its own until it has
+                              run). Returns: 0; CONC_BUSY (nothing freed) while threads wait on
+                              f. NULL is a no-op (0).
+                              Thread safety (every >>pool function but the frees): any thread,
+                              concurrently; also from a job, except shutdown and free (they
+                              wait for the job itself). A job that waits for its own pool's
+                              later jobs can deadlock a saturated pool, as in Go.
+
+   ---- >>group
+   conc_group_new(parent)     A macro over conc_group_new_at(parent, __FILE__, __LINE__): the
+                              group, its context a child of parent (NULL = background), no
+                              limit, no thread yet (threads start on demand and are registered
+                              with this file:line). Returns NULL when out of memory.
+   conc_group_free(g)         Waits for the running tasks, joins every thread, frees. Blocks:
+                              until the tasks return. NULL is a no-op. The last use of g.
+   conc_group_set_limit(g, n) At most n tasks run at once (n < 0: no limit; 0: none can be
+                              added). Never blocks. Returns: 0; CONC_BUSY (tasks run or a go
+                              waits: nothing changes); CONC_INVALID (g NULL).
+   conc_group_go(g, fn, arg, ctx)  Runs fn(arg, group ctx) on one of the group's threads.
+                              Blocks: while the limit's number of tasks run. Returns: 0 (the
+                              task is started); the ctx's err (not started); CONC_SYSTEM or
+                              CONC_NOMEM (no thread could be started: not started);
+                              CONC_INVALID (g or fn NULL).
+   conc_group_try_go(g, fn, arg)  Never blocks (but may start a thread). Returns:
+                              CONC_WOULD_BLOCK where go would block; otherwise as go.
+   conc_group_wait(g, ctx)    Blocks: until every task accepted so far has returned. Then
+                              cancels the group's context. Returns: the first task error, or 0;
+                              the ctx's err if ctx ended first (tasks go on; call again);
+                              CONC_INVALID (g NULL). A task error equal to the ctx's err is
+                              told apart with conc_group_try_wait.
+   conc_group_try_wait(g)     Never blocks. CONC_WOULD_BLOCK while tasks run; else as wait.
+   conc_group_errors(g, out, cap)  Copies up to cap of the errors recorded so far, oldest
+                              first (out may be NULL with cap 0). Returns: how many there are.
+   conc_group_ctx(g)          The group's context (owned by g; valid until free).
+   conc_group_stats_get(g, &s)  A snapshot: tasks started, finished, failed, go calls that
+                              blocked and their total wait, threads started, tasks running.
+                              Thread safety (every >>group function but free): any thread,
+                              concurrently; also from a task (a task may call go on its own
+                              group; with a limit it then needs a free slot like anyone), except
+                              wait and free (they would wait for the task itself).
 
    ---- >>limiter
    conc_limiter_new(rate, burst)  A full bucket of burst >= 0 tokens refilled at rate
@@ -3217,6 +3444,939 @@ CONC_API bool conc_once_done(conc_once_t *once) {
         return st == CONC__ONCE_DONE;
     }
     return atomic_load_explicit(conc__once_state(once), CONC__ACQUIRE) == CONC__ONCE_DONE;
+}
+
+/* ======================================================================== */
+/* >>pool: worker pools and futures                                         */
+/* ======================================================================== */
+/* The engine (conc__core) is shared by pools and error groups: a set of worker threads,
+   a ring of queued jobs, the waiting workers and the blocked submitters, all under one
+   spinlock. It is a channel whose receivers are the workers (runtime/chan.go again):
+   a submit hands its job straight to a waiting worker, else queues it in the ring, else
+   blocks; a worker that finishes takes the next job from the ring (refilling the slot from
+   the first blocked submitter) or straight from a blocked submitter, else waits.
+
+   Invariants (all under core.mu):
+   - At most one of {idle holds a worker, count > 0 or blocked holds a live submitter}:
+     a submit uses a waiting worker before the ring, the ring before blocking; a worker
+     takes queued and blocked jobs before it waits. (A pool with cap 0 never queues.)
+   - A job is accepted exactly once and then either runs exactly once or, if a shutdown's
+     context ends first, is reported unrun exactly once: it moves only under mu, from the
+     submitter's frame into a worker's slot (claiming the worker's sel), into the ring, or
+     is taken from the ring by a worker or by the shutdown. A blocked submitter's job moves
+     only by claiming its sel (index 0): the claim decides between a worker taking it
+     (submit returns 0), the shutdown refusing it (CONC_SHUTDOWN) and its context (the
+     ctx's err), exactly as a channel send racing its cancellation.
+   - A waiting worker is on idle (pushed at the head: the most recently idle one is the
+     likeliest to be still spinning, so it is handed the next job and the sleepers stay
+     asleep) with a freshly initialised sel; it is claimed only by a submit (status 0, job
+     in its slot) or by the shutdown (status CONC_SHUTDOWN: leave). Nobody else registers
+     a worker anywhere, so every worker on idle is live.
+   - active counts jobs handed to a worker and not yet finished; the group's limit bounds it
+     (a pool has no limit: its worker count does). nworkers counts workers started and not
+     yet left; `live` (a wait group) reaches 0 once every worker has left its loop.
+   - Once shutting is set nothing is accepted, no worker waits any more, blocked submitters
+     were refused; workers drain the ring and leave.
+   Lock order: core.mu -> ctx.mu (a blocked submit registers on its context under mu). No
+   user code, wake or thread start runs under mu. */
+
+enum { CONC__POOL_KIND = 1, CONC__GROUP_KIND = 2 };
+
+typedef struct conc__job {
+    conc_task_fn fn;
+    void *arg;
+    conc_future_t *fut; /* pools: completed with the job's result; may be NULL */
+} conc__job;
+
+struct conc__core;
+
+typedef struct conc__worker {
+    conc__waiter w;             /* on core.idle while waiting; w.sel = &s */
+    conc__sel s;                /* re-initialised for each wait */
+    conc__job job;              /* written by whoever claims s with status 0 */
+    struct conc__core *core;    /* immutable */
+    conc__thread *thread;       /* (core.mu) set once started; joined by the core's joiner */
+    struct conc__worker *next;  /* (core.mu) core.all */
+} conc__worker;
+
+typedef struct conc__core {
+    conc__spinlock mu;
+    conc__job *ring;            /* (mu) cap slots */
+    size_t cap, head, count;    /* cap immutable; head, count (mu) */
+    conc__wq idle;              /* (mu) waiting workers, LIFO */
+    conc__wq blocked;           /* (mu) blocked submitters, FIFO; elem -> their conc__job */
+    int64_t limit;              /* (mu) most jobs active at once; -1: none */
+    int64_t active;             /* (mu) jobs handed to workers, not finished */
+    size_t nworkers;            /* (mu) started and not yet left */
+    size_t max_workers;         /* immutable; SIZE_MAX: grow on demand (groups) */
+    bool shutting;              /* (mu) */
+    bool joined;                /* (mu) a joiner has taken `all` */
+    int kind;                   /* immutable: CONC__POOL_KIND / CONC__GROUP_KIND */
+    conc__worker *all;          /* (mu) every worker started, for the joiner */
+    conc_ctx_t *ctx;            /* immutable: the jobs' context; the core's reference */
+    conc_wg_t *live;            /* workers that have not left their loop */
+    _Atomic unsigned idle_epoch;/* bumped (under mu) whenever a worker starts waiting */
+    const char *purpose, *file; /* immutable: for the thread registry */
+    int line;
+    /* statistics (mu) */
+    uint64_t submitted, completed, rejected, canceled, unrun, blocked_n, threads;
+    _Atomic int64_t blocked_ns; /* added without mu by submits that were granted */
+    size_t high_water;
+} conc__core;
+
+/* ---- futures ---- */
+/* A future is shared by the job (one reference, dropped when it completes it) and the
+   submitter (dropped by conc_future_free).
+   Invariants: state goes once from 0 to 1, under mu, after result and status are written;
+   read without the lock (acquire) by the fast paths. Waiters queue on `waiters` (mu) only
+   while state is 0; completion claims them all.
+   Lock order: future.mu -> ctx.mu. */
+struct conc_future {
+    pthread_mutex_t mu;
+    _Atomic int state;    /* 0 pending, 1 done */
+    int status;           /* (mu, then immutable) 0: the job ran; CONC_SHUTDOWN: it never will */
+    int result;           /* (mu, then immutable) what the job returned */
+    conc__wq waiters;     /* (mu) blocked waits */
+    _Atomic int refs;
+};
+
+static conc_future_t *conc__future_new(void) {
+    conc_future_t *f = (conc_future_t *)CONC_MALLOC(sizeof *f);
+    if (!f) return NULL;
+    memset(f, 0, sizeof *f);
+    conc__mutex_init(&f->mu);
+    CONC__UNCHECKED(&f->state);
+    CONC__UNCHECKED(&f->refs);
+    atomic_init(&f->state, 0);
+    atomic_init(&f->refs, 2);
+    return f;
+}
+
+static void conc__future_unref(conc_future_t *f) {
+    CONC__HB_BEFORE(&f->refs);
+    if (atomic_fetch_sub_explicit(&f->refs, 1, CONC__ACQ_REL) != 1) return;
+    CONC__HB_AFTER(&f->refs);
+    pthread_mutex_destroy(&f->mu);
+    CONC__HB_FORGET(&f->state);
+    CONC__HB_FORGET(&f->refs);
+    CONC__CHECKED(&f->state);
+    CONC__CHECKED(&f->refs);
+    CONC_FREE(f);
+}
+
+/* The job's side: records the outcome, wakes every waiter, drops the job's reference. */
+static void conc__future_complete(conc_future_t *f, int status, int result) {
+    conc__waiter *wake = NULL, *w;
+    CONC__LOCK(&f->mu);
+    {
+        f->status = status;
+        f->result = result;
+        CONC__HB_BEFORE(&f->state);
+        atomic_store_explicit(&f->state, 1, CONC__RELEASE);
+        while ((w = conc__wq_claim(&f->waiters)) != NULL) {
+            w->sel->status = 0;
+            w->next = wake;
+            wake = w;
+        }
+    }
+    CONC__UNLOCK(&f->mu);
+    conc__wake_list(wake);
+    conc__future_unref(f);
+}
+
+static int conc__future_get(conc_future_t *f, int *result) {
+    CONC__HB_AFTER(&f->state);
+    if (result) *result = f->status == 0 ? f->result : 0;
+    return f->status;
+}
+
+CONC_API int conc_future_try_wait(conc_future_t *f, int *result) {
+    if (!f) return CONC_INVALID;
+    if (atomic_load_explicit(&f->state, CONC__ACQUIRE) == 0) return CONC_WOULD_BLOCK;
+    return conc__future_get(f, result);
+}
+
+CONC_API int conc_future_wait(conc_future_t *f, int *result, conc_ctx_t *ctx) {
+    conc__sel s;
+    conc__waiter w, cw;
+    if (!f) return CONC_INVALID;
+    if (atomic_load_explicit(&f->state, CONC__ACQUIRE) != 0) return conc__future_get(f, result);
+    bool reg = conc__ctx_can_end(ctx);
+    conc__sel_init(&s);
+    CONC__LOCK(&f->mu);
+    if (atomic_load_explicit(&f->state, CONC__RELAXED) != 0) {
+        CONC__UNLOCK(&f->mu);
+        conc__sel_fini(&s);
+        return conc__future_get(f, result);
+    }
+    if (reg) {
+        int e = conc__ctx_register(ctx, &cw, &s, CONC__OWN_CTX);
+        if (e) {
+            CONC__UNLOCK(&f->mu);
+            conc__sel_fini(&s);
+            return e;
+        }
+    }
+    w.sel = &s;
+    w.elem = NULL;
+    w.case_index = 0;
+    w.since = 0;
+    conc__wq_push(&f->waiters, &w);
+    CONC__UNLOCK(&f->mu);
+
+    conc__sel_park(&s);
+    int rc;
+    if (atomic_load_explicit(&s.fired, CONC__RELAXED) == CONC__OWN_CTX) {
+        CONC__LOCK(&f->mu);
+        if (w.queued) conc__wq_remove(&f->waiters, &w);
+        CONC__UNLOCK(&f->mu);
+        rc = s.status;
+    } else {
+        if (reg) conc__ctx_unregister(ctx, &cw);
+        rc = conc__future_get(f, result);
+    }
+    conc__sel_fini(&s);
+    return rc;
+}
+
+CONC_API int conc_future_free(conc_future_t *f) {
+    if (!f) return 0;
+    bool busy;
+    CONC__LOCK(&f->mu);
+    busy = f->waiters.head != NULL;
+    CONC__UNLOCK(&f->mu);
+    if (busy) return CONC_BUSY;
+    conc__future_unref(f);
+    return 0;
+}
+
+/* ---- the engine ---- */
+
+static void conc__wq_push_front(conc__wq *q, conc__waiter *w) {
+    w->prev = NULL;
+    w->next = q->head;
+    if (q->head) q->head->prev = w;
+    else q->tail = w;
+    q->head = w;
+    w->queued = true;
+}
+
+static void conc__group_task_done(struct conc__core *core, const conc__job *job, int rc);
+
+static void conc__core_ring_push(conc__core *c, const conc__job *job) {
+    size_t k = c->head + c->count;
+    if (k >= c->cap) k -= c->cap;
+    c->ring[k] = *job;
+    if (++c->count > c->high_water) c->high_water = c->count;
+}
+
+static conc__job conc__core_ring_pop(conc__core *c) {
+    conc__job j = c->ring[c->head];
+    if (++c->head == c->cap) c->head = 0;
+    c->count--;
+    return j;
+}
+
+/* mu held. Tries to accept *job without blocking. 0: accepted (*wake: a worker claimed for
+   it, or *spawn: start a worker with it); else CONC_SHUTDOWN or CONC_WOULD_BLOCK. */
+#define CONC__CORE_WATCH 1 /* conc__core_accept_locked: rather wait for a spinner than wake a sleeper */
+
+static bool conc__worker_asleep(conc__worker *wk) {
+    return atomic_load_explicit(&wk->s.park, CONC__RELAXED) > CONC__PARK_DONE;
+}
+
+static int conc__core_accept_locked(conc__core *c, const conc__job *job, conc__worker **wake, bool *spawn,
+                                    bool may_watch) {
+    if (c->shutting) return CONC_SHUTDOWN;
+    if (c->limit >= 0 && c->active >= c->limit) return CONC_WOULD_BLOCK;
+    conc__waiter *iw = c->idle.head;
+    if (iw) {
+        /* Waking a sleeper costs ~13 us; a spinning worker takes the job at once, and a
+           worker busy with a short job comes back (and spins) much sooner. So: the first
+           worker that is awake (among the first 8: spinners are recent, so near the
+           head), else wait for a busy one while it runs on another core, else the most
+           recent sleeper. */
+        int k = 0;
+        for (conc__waiter *x = iw; x && k < 8; x = x->next, k++)
+            if (!conc__worker_asleep((conc__worker *)(void *)x)) {
+                iw = x;
+                break;
+            }
+        conc__worker *wk = (conc__worker *)(void *)iw; /* w is the first member */
+        if (may_watch && CONC_SPIN_NS > 0 && !CONC__ON_VALGRIND() && c->active > 0 && c->active < conc__ncpu() && conc__worker_asleep(wk)) return CONC__CORE_WATCH;
+        conc__wq_remove(&c->idle, iw);
+        bool claimed = conc__sel_claim(&wk->s, 0); /* idle workers are claimed only here and by shutdown */
+        CONC_ASSERT(claimed);
+        (void)claimed;
+        wk->job = *job;
+        wk->s.status = 0;
+        c->active++;
+        c->submitted++;
+        *wake = wk;
+        return 0;
+    }
+    if (c->nworkers < c->max_workers && c->kind == CONC__GROUP_KIND) {
+        c->nworkers++;
+        c->active++;
+        c->submitted++;
+        *spawn = true;
+        return 0;
+    }
+    if (c->count < c->cap) {
+        conc__core_ring_push(c, job);
+        c->submitted++;
+        return 0;
+    }
+    return CONC_WOULD_BLOCK;
+}
+
+/* mu held. A worker's next job: from the ring (whose freed slot takes the first blocked
+   submitter's job), else from a blocked submitter directly. *wake: the submitter to wake. */
+static bool conc__core_next_locked(conc__core *c, conc__job *out, conc__waiter **wake) {
+    if (c->count > 0) {
+        *out = conc__core_ring_pop(c);
+        conc__waiter *b = conc__wq_claim(&c->blocked);
+        if (b) {
+            conc__core_ring_push(c, (const conc__job *)b->elem);
+            b->sel->status = 0;
+            c->submitted++;
+            *wake = b;
+        }
+        c->active++;
+        return true;
+    }
+    if (c->limit >= 0 && c->active >= c->limit) return false;
+    conc__waiter *b = conc__wq_claim(&c->blocked);
+    if (b) {
+        *out = *(const conc__job *)b->elem;
+        b->sel->status = 0;
+        c->submitted++;
+        c->active++;
+        *wake = b;
+        return true;
+    }
+    return false;
+}
+
+static void conc__core_run(conc__core *c, conc__job *job) {
+    int rc = job->fn(job->arg, c->ctx);
+    if (c->kind == CONC__GROUP_KIND) conc__group_task_done(c, job, rc);
+    else if (job->fut) conc__future_complete(job->fut, 0, rc);
+}
+
+/* The pool's park: pause, then yield, then sleep, as conc__sel_park, but with a pause
+   phase that adapts per thread. On the machine this is tuned for (a 2-vCPU KVM guest, AMD
+   EPYC) a `pause` costs 30-40 ns, so conc__sel_park's fixed 128 are ~5 us during which a
+   peer that shares our vCPU cannot run - and three threads on two cores (the submitter and
+   two workers) is a pool's common case; a sched_yield costs ~2 us there, a sleeper's wake
+   ~13 us. A wait that ends within the pause phase raises the phase to twice what that wait
+   took (a peer on the other core keeps being caught without a syscall); one that has to
+   yield halves it (the peer was likelier waiting for our core - on a machine shared with
+   other processes it drops to a few pauses). Measured on the shared machine: the empty-job
+   cases ~2x faster than conc__sel_park. Spinning with `pause` only, at most ncpu - 1
+   spinners and no yield, looked better on paper and was 4x slower whenever other
+   processes shared the machine (a spinner then holds the very core its peer needs). */
+#define CONC__CORE_PAUSES_MAX 256
+static _Thread_local int conc__core_pauses = 32;
+static void conc__core_park(conc__sel *s) {
+#if CONC_SPIN_NS > 0
+    if (!CONC__ON_VALGRIND() && conc__ncpu() > 1) {
+        int n = conc__core_pauses;
+        for (int i = 0; i < n; i++) {
+            if (conc__sel_is_done(s)) {
+                int next = 2 * i + 4;
+                conc__core_pauses = next > CONC__CORE_PAUSES_MAX ? CONC__CORE_PAUSES_MAX : next > n ? next : n;
+                goto done;
+            }
+            CONC__PAUSE();
+        }
+        conc__core_pauses = n > 8 ? n / 2 : 4;
+        for (int64_t t0 = conc_now(); conc_now() - t0 < CONC_SPIN_NS;) {
+            sched_yield();
+            if (conc__sel_is_done(s)) goto done;
+        }
+    }
+#endif
+    {
+        /* conc__sel_park's sleep, without its spin phase (spent already) */
+        conc__parker *p = &conc__self_parker;
+        CONC__HB_BEFORE(&s->park);
+        CONC__LOCK(&p->mu);
+        {
+            uintptr_t expect = CONC__PARK_WAITING;
+            if (atomic_compare_exchange_strong_explicit(&s->park, &expect, (uintptr_t)p, CONC__ACQ_REL,
+                                                        CONC__ACQUIRE)) {
+                while (atomic_load_explicit(&s->park, CONC__ACQUIRE) != CONC__PARK_DONE)
+                    pthread_cond_wait(&p->cv, &p->mu);
+            }
+        }
+        CONC__UNLOCK(&p->mu);
+    }
+done:
+    CONC__HB_AFTER(s);
+}
+
+static void conc__worker_main(void *arg) {
+    conc__worker *wk = (conc__worker *)arg;
+    conc__core *c = wk->core;
+    conc__job job = wk->job; /* a worker started for a job (groups) has it already */
+    bool have = job.fn != NULL;
+    for (;;) {
+        conc__waiter *wake = NULL;
+        if (have) conc__core_run(c, &job);
+        conc__spin_lock(&c->mu);
+        {
+            if (have) {
+                c->active--;
+                c->completed++;
+            }
+            have = conc__core_next_locked(c, &job, &wake);
+            if (!have) {
+                if (c->shutting) {
+                    c->nworkers--;
+                    conc__spin_unlock(&c->mu);
+                    break;
+                }
+                conc__sel_init(&wk->s);
+                wk->w.sel = &wk->s;
+                wk->w.elem = &wk->job;
+                wk->w.case_index = 0;
+                conc__wq_push_front(&c->idle, &wk->w);
+                atomic_fetch_add_explicit(&c->idle_epoch, 1, CONC__RELAXED);
+            }
+        }
+        conc__spin_unlock(&c->mu);
+        if (wake) conc__sel_wake(wake->sel);
+        if (!have) {
+            conc__core_park(&wk->s);
+            int st = wk->s.status;
+            conc__sel_fini(&wk->s);
+            if (st != 0) break; /* the shutdown claimed us: nothing is handed over */
+            job = wk->job;
+            have = true;
+        }
+    }
+    conc_wg_done(c->live); /* the last touch of c: after it the core may be freed (after a join) */
+}
+
+/* Starts one worker (with a first job, or none) and links it for the joiner. */
+static int conc__core_start_worker(conc__core *c, const conc__job *first) {
+    conc__worker *wk = (conc__worker *)CONC_MALLOC(sizeof *wk);
+    if (!wk) return CONC_NOMEM;
+    memset(wk, 0, sizeof *wk);
+    wk->core = c;
+    if (first) wk->job = *first;
+    conc_wg_add(c->live, 1);
+    conc__spin_lock(&c->mu);
+    {
+        wk->next = c->all;
+        c->all = wk;
+        c->threads++;
+    }
+    conc__spin_unlock(&c->mu);
+    conc__thread *t = NULL;
+    int rc = conc__thread_start(&t, conc__worker_main, wk, c->purpose, c->file, c->line, 0);
+    conc__spin_lock(&c->mu);
+    {
+        if (rc == 0) {
+            wk->thread = t;
+        } else {
+            conc__worker **p = &c->all;
+            while (*p != wk) p = &(*p)->next;
+            *p = wk->next;
+            c->threads--;
+        }
+    }
+    conc__spin_unlock(&c->mu);
+    if (rc != 0) {
+        conc_wg_done(c->live);
+        CONC_FREE(wk);
+    }
+    return rc;
+}
+
+static int conc__core_init(conc__core *c, int kind, size_t workers, size_t cap, conc_ctx_t *parent,
+                           const char *purpose, const char *file, int line) {
+    memset(c, 0, sizeof *c);
+    c->kind = kind;
+    c->cap = cap;
+    c->limit = -1;
+    c->max_workers = kind == CONC__GROUP_KIND ? SIZE_MAX : workers;
+    c->purpose = purpose;
+    c->file = file;
+    c->line = line;
+    if (cap && cap > SIZE_MAX / sizeof(conc__job)) return CONC_NOMEM;
+    if (cap && !(c->ring = (conc__job *)CONC_MALLOC(cap * sizeof(conc__job)))) return CONC_NOMEM;
+    /* statistics and hints read without mu: Helgrind is told not to check them */
+    CONC__UNCHECKED(&c->blocked_ns);
+    CONC__UNCHECKED(&c->idle_epoch);
+    atomic_init(&c->blocked_ns, 0);
+    atomic_init(&c->idle_epoch, 0);
+    if (conc__spin_init(&c->mu) != 0) goto fail_ring;
+    if (!(c->live = conc_wg_new())) goto fail_mu;
+    if (!(c->ctx = conc_ctx_with_cancel(parent))) goto fail_wg;
+    return 0;
+fail_wg:
+    conc_wg_free(c->live);
+fail_mu:
+    conc__spin_destroy(&c->mu);
+fail_ring:
+    CONC__CHECKED(&c->blocked_ns);
+    CONC__CHECKED(&c->idle_epoch);
+    CONC_FREE(c->ring);
+    return CONC_NOMEM;
+}
+
+/* Refuses new work, refuses every blocked submitter and lets every waiting worker go. */
+static void conc__core_begin_shutdown(conc__core *c) {
+    conc__waiter *wake = NULL, *w;
+    conc__spin_lock(&c->mu);
+    if (!c->shutting) {
+        c->shutting = true;
+        while ((w = conc__wq_claim(&c->blocked)) != NULL) {
+            w->sel->status = CONC_SHUTDOWN;
+            c->rejected++;
+            w->next = wake;
+            wake = w;
+        }
+        while ((w = c->idle.head) != NULL) {
+            conc__wq_remove(&c->idle, w);
+            bool claimed = conc__sel_claim(w->sel, 0);
+            CONC_ASSERT(claimed);
+            (void)claimed;
+            w->sel->status = CONC_SHUTDOWN;
+            w->next = wake;
+            wake = w;
+        }
+    }
+    conc__spin_unlock(&c->mu);
+    conc__wake_list(wake);
+}
+
+/* Joins every worker that has left (all of them: called once `live` is 0). */
+static void conc__core_join(conc__core *c) {
+    conc__worker *all;
+    conc__spin_lock(&c->mu);
+    all = c->joined ? NULL : c->all;
+    c->all = NULL;
+    c->joined = true;
+    conc__spin_unlock(&c->mu);
+    while (all) {
+        conc__worker *next = all->next;
+        conc__thread_join(all->thread);
+        CONC_FREE(all);
+        all = next;
+    }
+}
+
+static void conc__core_destroy(conc__core *c) {
+    conc__core_begin_shutdown(c);
+    conc_wg_wait(c->live, NULL);
+    conc__core_join(c);
+    conc_ctx_release(c->ctx);
+    conc_wg_free(c->live);
+    conc__spin_destroy(&c->mu);
+    CONC__CHECKED(&c->blocked_ns);
+    CONC__CHECKED(&c->idle_epoch);
+    CONC_FREE(c->ring);
+}
+
+/* Blocks the caller as a submitter (mu held on entry, released on return). */
+static int conc__core_block(conc__core *c, const conc__job *job, conc_ctx_t *ctx) {
+    struct {
+        _Alignas(64) conc__waiter w;
+        conc__sel s;
+    } op;
+    conc__waiter cw;
+    conc__job mine = *job; /* op.w.elem: the granting worker copies it under mu */
+    bool reg = conc__ctx_can_end(ctx);
+    conc__sel_init(&op.s);
+    if (reg) {
+        int e = conc__ctx_register(ctx, &cw, &op.s, CONC__OWN_CTX);
+        if (e) {
+            c->canceled++;
+            conc__spin_unlock(&c->mu);
+            conc__sel_fini(&op.s);
+            return e;
+        }
+    }
+    op.w.sel = &op.s;
+    op.w.elem = &mine;
+    op.w.case_index = 0;
+    op.w.since = CONC__STAMP();
+    conc__wq_push(&c->blocked, &op.w);
+    c->blocked_n++;
+    conc__spin_unlock(&c->mu);
+
+    conc__core_park(&op.s);
+    atomic_fetch_add_explicit(&c->blocked_ns, CONC__STAMP() - op.w.since, CONC__RELAXED);
+    if (atomic_load_explicit(&op.s.fired, CONC__RELAXED) == CONC__OWN_CTX) {
+        conc__spin_lock(&c->mu);
+        {
+            if (op.w.queued) conc__wq_remove(&c->blocked, &op.w);
+            c->canceled++;
+        }
+        conc__spin_unlock(&c->mu);
+    } else if (reg) {
+        conc__ctx_unregister(ctx, &cw);
+    }
+    conc__sel_fini(&op.s);
+    return op.s.status;
+}
+
+static int conc__core_submit(conc__core *c, const conc__job *job, conc_ctx_t *ctx, bool block) {
+    conc__worker *wake = NULL;
+    bool spawn = false;
+    int rc;
+    conc__spin_lock(&c->mu);
+    rc = conc__core_accept_locked(c, job, &wake, &spawn, block);
+    if (rc == CONC__CORE_WATCH) {
+        /* watch for a worker to come back, for a fraction of what a wake would cost */
+        unsigned epoch = atomic_load_explicit(&c->idle_epoch, CONC__RELAXED);
+        conc__spin_unlock(&c->mu);
+        /* as conc__sel_park spins: pause, then yield (the worker may share our core) */
+        for (int i = 0; i < conc__core_pauses; i++) {
+            if (atomic_load_explicit(&c->idle_epoch, CONC__RELAXED) != epoch) goto again;
+            CONC__PAUSE();
+        }
+        for (int64_t t0 = conc_now(); conc_now() - t0 < CONC_SPIN_NS / 4;) {
+            sched_yield();
+            if (atomic_load_explicit(&c->idle_epoch, CONC__RELAXED) != epoch) goto again;
+        }
+    again:
+        conc__spin_lock(&c->mu);
+        rc = conc__core_accept_locked(c, job, &wake, &spawn, false);
+    }
+    if (rc == CONC_WOULD_BLOCK && block) return conc__core_block(c, job, ctx);
+    if (rc != 0) c->rejected++;
+    conc__spin_unlock(&c->mu);
+    if (wake) conc__sel_wake(&wake->s);
+    if (spawn) {
+        rc = conc__core_start_worker(c, job);
+        if (rc != 0) {
+            /* take the reservation back; if no worker is left to serve the blocked, fail them */
+            conc__waiter *fail = NULL, *w;
+            conc__spin_lock(&c->mu);
+            {
+                c->nworkers--;
+                c->active--;
+                c->submitted--;
+                if (c->nworkers == 0)
+                    while ((w = conc__wq_claim(&c->blocked)) != NULL) {
+                        w->sel->status = rc;
+                        w->next = fail;
+                        fail = w;
+                    }
+            }
+            conc__spin_unlock(&c->mu);
+            conc__wake_list(fail);
+        }
+    }
+    return rc;
+}
+
+struct conc_pool {
+    conc__core core;
+};
+
+CONC_API conc_pool_t *conc_pool_new_at(size_t workers, size_t cap, conc_ctx_t *parent, const char *file, int line) {
+    if (workers == 0) return NULL;
+    conc_pool_t *p = (conc_pool_t *)CONC_MALLOC(sizeof *p);
+    if (!p) return NULL;
+    if (conc__core_init(&p->core, CONC__POOL_KIND, workers, cap, parent, "pool worker", file, line) != 0) {
+        CONC_FREE(p);
+        return NULL;
+    }
+    for (size_t i = 0; i < workers; i++) {
+        conc__spin_lock(&p->core.mu);
+        p->core.nworkers++;
+        conc__spin_unlock(&p->core.mu);
+        if (conc__core_start_worker(&p->core, NULL) != 0) {
+            conc__spin_lock(&p->core.mu);
+            p->core.nworkers--;
+            conc__spin_unlock(&p->core.mu);
+            conc__core_destroy(&p->core);
+            CONC_FREE(p);
+            return NULL;
+        }
+    }
+    return p;
+}
+
+CONC_API conc_ctx_t *conc_pool_ctx(const conc_pool_t *pool) { return pool ? pool->core.ctx : NULL; }
+
+static int conc__pool_submit(conc_pool_t *pool, conc_task_fn fn, void *arg, conc_future_t **out, conc_ctx_t *ctx,
+                             bool block) {
+    conc__job job;
+    if (out) *out = NULL;
+    if (!pool || !fn) return CONC_INVALID;
+    job.fn = fn;
+    job.arg = arg;
+    job.fut = NULL;
+    if (out && !(job.fut = conc__future_new())) return CONC_NOMEM;
+    int rc = conc__core_submit(&pool->core, &job, ctx, block);
+    if (out) {
+        if (rc == 0) {
+            *out = job.fut;
+        } else {
+            conc__future_unref(job.fut);
+            conc__future_unref(job.fut);
+        }
+    }
+    return rc;
+}
+
+CONC_API int conc_pool_submit(conc_pool_t *pool, conc_task_fn fn, void *arg, conc_ctx_t *ctx) {
+    return conc__pool_submit(pool, fn, arg, NULL, ctx, true);
+}
+CONC_API int conc_pool_try_submit(conc_pool_t *pool, conc_task_fn fn, void *arg) {
+    return conc__pool_submit(pool, fn, arg, NULL, NULL, false);
+}
+CONC_API int conc_pool_submit_future(conc_pool_t *pool, conc_task_fn fn, void *arg, conc_future_t **out,
+                                     conc_ctx_t *ctx) {
+    if (!out) return CONC_INVALID;
+    return conc__pool_submit(pool, fn, arg, out, ctx, true);
+}
+CONC_API int conc_pool_try_submit_future(conc_pool_t *pool, conc_task_fn fn, void *arg, conc_future_t **out) {
+    if (!out) return CONC_INVALID;
+    return conc__pool_submit(pool, fn, arg, out, NULL, false);
+}
+
+CONC_API int conc_pool_shutdown(conc_pool_t *pool, conc_pool_unrun_fn unrun, void *unrun_arg, conc_ctx_t *ctx) {
+    if (!pool) return CONC_INVALID;
+    conc__core *c = &pool->core;
+    conc__core_begin_shutdown(c);
+    int rc = conc_wg_wait(c->live, ctx);
+    if (rc == 0) {
+        conc__core_join(c);
+        return 0;
+    }
+    /* out of time: stop what runs, and hand back what never started, one job at a time
+       (a worker may take the next one meanwhile: whoever pops it owns it) */
+    conc_ctx_cancel(c->ctx);
+    for (;;) {
+        conc__job job;
+        bool got = false;
+        conc__spin_lock(&c->mu);
+        if (c->count > 0) {
+            job = conc__core_ring_pop(c);
+            c->unrun++;
+            got = true;
+        }
+        conc__spin_unlock(&c->mu);
+        if (!got) break;
+        if (job.fut) conc__future_complete(job.fut, CONC_SHUTDOWN, 0);
+        if (unrun) unrun(job.fn, job.arg, unrun_arg);
+    }
+    return rc;
+}
+
+CONC_API void conc_pool_free(conc_pool_t *pool) {
+    if (!pool) return;
+    conc__core_destroy(&pool->core);
+    CONC_FREE(pool);
+}
+
+CONC_API void conc_pool_stats_get(conc_pool_t *pool, conc_pool_stats *out) {
+    if (!out) return;
+    memset(out, 0, sizeof *out);
+    if (!pool) return;
+    conc__core *c = &pool->core;
+    conc__spin_lock(&c->mu);
+    {
+        out->submitted = c->submitted;
+        out->completed = c->completed;
+        out->rejected = c->rejected;
+        out->canceled = c->canceled;
+        out->unrun = c->unrun;
+        out->blocked = c->blocked_n;
+        out->blocked_ns = atomic_load_explicit(&c->blocked_ns, CONC__RELAXED);
+        out->high_water = c->high_water;
+        out->queued = c->count;
+        out->running = (size_t)c->active;
+    }
+    conc__spin_unlock(&c->mu);
+}
+
+/* ======================================================================== */
+/* >>group: error groups                                                    */
+/* ======================================================================== */
+/* x/sync/errgroup on the pool engine: a core with no queue (cap 0), no fixed worker count
+   (a go that finds no waiting worker and is under the limit starts one; workers stay for
+   the next tasks until the group is freed, so threads are reused), and active bounded by
+   the limit. `tasks` counts tasks accepted and not finished; wait waits for it to reach 0.
+
+   Invariants:
+   - A task's outcome is recorded (emu) before its tasks count is dropped, so a wait that
+     sees 0 sees every error; first is set once, by the first non-zero outcome, and the
+     group's context is cancelled with it as the cause right after (outside emu).
+   - limit changes only while no task is accepted and unfinished and no go waits
+     (set_limit refuses otherwise), so a worker only compares active with it; a worker
+     still on its way back from a finished task (active not yet dropped) makes a go that
+     arrives then wait for that worker's relock, which grants it.
+   Lock order: emu is taken alone; core.mu as in >>pool. */
+
+struct conc_group {
+    conc__core core;        /* first: the worker's core pointer casts back */
+    conc_wg_t *tasks;       /* accepted, not finished */
+    pthread_mutex_t emu;
+    int first;              /* (emu) the first error, 0 if none */
+    conc_group_error *errs; /* (emu) every error, in the order they were recorded */
+    size_t nerr, errcap;    /* (emu) */
+    _Atomic uint64_t finished, failed; /* counted without emu: most tasks take no lock */
+};
+
+static void conc__group_task_done(conc__core *core, const conc__job *job, int rc) {
+    conc_group_t *g = (conc_group_t *)(void *)core;
+    bool first = false;
+    if (rc != 0) {
+        atomic_fetch_add_explicit(&g->failed, 1, CONC__RELAXED);
+        CONC__LOCK(&g->emu);
+        {
+            if (g->first == 0) {
+                g->first = rc;
+                first = true;
+            }
+            if (g->nerr == g->errcap) {
+                size_t ncap = g->errcap ? g->errcap * 2 : 8;
+                conc_group_error *e = (conc_group_error *)CONC_MALLOC(ncap * sizeof *e);
+                if (e) {
+                    if (g->nerr) memcpy(e, g->errs, g->nerr * sizeof *e);
+                    CONC_FREE(g->errs);
+                    g->errs = e;
+                    g->errcap = ncap;
+                }
+            }
+            if (g->nerr < g->errcap) { /* out of memory: the error is counted, not listed */
+                g->errs[g->nerr].err = rc;
+                g->errs[g->nerr].arg = job->arg;
+                g->nerr++;
+            }
+        }
+        CONC__UNLOCK(&g->emu);
+    }
+    atomic_fetch_add_explicit(&g->finished, 1, CONC__RELAXED);
+    if (first) conc_ctx_cancel_cause(core->ctx, rc);
+    conc_wg_done(g->tasks);
+}
+
+CONC_API conc_group_t *conc_group_new_at(conc_ctx_t *parent, const char *file, int line) {
+    conc_group_t *g = (conc_group_t *)CONC_MALLOC(sizeof *g);
+    if (!g) return NULL;
+    memset(g, 0, sizeof *g);
+    if (conc__core_init(&g->core, CONC__GROUP_KIND, 0, 0, parent, "errgroup worker", file, line) != 0) {
+        CONC_FREE(g);
+        return NULL;
+    }
+    if (!(g->tasks = conc_wg_new())) {
+        conc__core_destroy(&g->core);
+        CONC_FREE(g);
+        return NULL;
+    }
+    conc__mutex_init(&g->emu);
+    CONC__UNCHECKED(&g->finished);
+    CONC__UNCHECKED(&g->failed);
+    return g;
+}
+
+CONC_API void conc_group_free(conc_group_t *g) {
+    if (!g) return;
+    conc_wg_wait(g->tasks, NULL);
+    conc__core_destroy(&g->core);
+    conc_wg_free(g->tasks);
+    pthread_mutex_destroy(&g->emu);
+    CONC__CHECKED(&g->finished);
+    CONC__CHECKED(&g->failed);
+    CONC_FREE(g->errs);
+    CONC_FREE(g);
+}
+
+CONC_API int conc_group_set_limit(conc_group_t *g, int64_t n) {
+    int rc = 0;
+    if (!g) return CONC_INVALID;
+    conc__spin_lock(&g->core.mu);
+    /* tasks, not active: a finished task's worker may not have relocked yet */
+    if (conc_wg_count(g->tasks) != 0 || g->core.blocked.head != NULL) rc = CONC_BUSY;
+    else g->core.limit = n < 0 ? -1 : n;
+    conc__spin_unlock(&g->core.mu);
+    return rc;
+}
+
+static int conc__group_go(conc_group_t *g, conc_task_fn fn, void *arg, conc_ctx_t *ctx, bool block) {
+    conc__job job;
+    if (!g || !fn) return CONC_INVALID;
+    job.fn = fn;
+    job.arg = arg;
+    job.fut = NULL;
+    conc_wg_add(g->tasks, 1); /* before the task can possibly finish */
+    int rc = conc__core_submit(&g->core, &job, ctx, block);
+    if (rc != 0) conc_wg_done(g->tasks);
+    return rc;
+}
+
+CONC_API int conc_group_go(conc_group_t *g, conc_task_fn fn, void *arg, conc_ctx_t *ctx) {
+    return conc__group_go(g, fn, arg, ctx, true);
+}
+CONC_API int conc_group_try_go(conc_group_t *g, conc_task_fn fn, void *arg) {
+    return conc__group_go(g, fn, arg, NULL, false);
+}
+
+static int conc__group_first(conc_group_t *g) {
+    int e;
+    CONC__LOCK(&g->emu);
+    e = g->first;
+    CONC__UNLOCK(&g->emu);
+    return e;
+}
+
+CONC_API int conc_group_wait(conc_group_t *g, conc_ctx_t *ctx) {
+    if (!g) return CONC_INVALID;
+    int rc = conc_wg_wait(g->tasks, ctx);
+    if (rc != 0) return rc;
+    int e = conc__group_first(g);
+    conc_ctx_cancel_cause(g->core.ctx, e); /* as errgroup.WithContext's Wait */
+    return e;
+}
+
+CONC_API int conc_group_try_wait(conc_group_t *g) {
+    if (!g) return CONC_INVALID;
+    /* conc_wg_wait's fast path, which never blocks */
+    if ((atomic_load_explicit(&g->tasks->state, CONC__ACQUIRE) >> 1) != 0) return CONC_WOULD_BLOCK;
+    CONC__HB_AFTER(&g->tasks->state);
+    int e = conc__group_first(g);
+    conc_ctx_cancel_cause(g->core.ctx, e);
+    return e;
+}
+
+CONC_API size_t conc_group_errors(conc_group_t *g, conc_group_error *out, size_t cap) {
+    size_t n;
+    if (!g) return 0;
+    CONC__LOCK(&g->emu);
+    {
+        n = g->nerr;
+        if (out) memcpy(out, g->errs, (cap < n ? cap : n) * sizeof *out);
+    }
+    CONC__UNLOCK(&g->emu);
+    return n;
+}
+
+CONC_API conc_ctx_t *conc_group_ctx(const conc_group_t *g) { return g ? g->core.ctx : NULL; }
+
+CONC_API void conc_group_stats_get(conc_group_t *g, conc_group_stats *out) {
+    if (!out) return;
+    memset(out, 0, sizeof *out);
+    if (!g) return;
+    conc__spin_lock(&g->core.mu);
+    {
+        out->started = g->core.submitted;
+        out->blocked = g->core.blocked_n;
+        out->blocked_ns = atomic_load_explicit(&g->core.blocked_ns, CONC__RELAXED);
+        out->threads = g->core.threads;
+        out->running = (size_t)g->core.active;
+    }
+    conc__spin_unlock(&g->core.mu);
+    out->finished = atomic_load_explicit(&g->finished, CONC__RELAXED);
+    out->failed = atomic_load_explicit(&g->failed, CONC__RELAXED);
 }
 
 /* ======================================================================== */

@@ -1,0 +1,113 @@
+/* bench_pool.c - worker pool and error group benchmarks for conc.h.
+
+   Each case does the work of the Go peer of the same name (go_NAME in
+   ../shared/peers/go/gobench/main.go: `pool`, and go/goxsync/main.go: the errgroup cases)
+   with the same default N, and checks that every task ran exactly once. Run
+   `bench_pool --list`, `bench_pool --case NAME [--n N]`, or no argument for every case and
+   a table (see bench.h).
+
+   Cases:
+     pool2_unbuf_1M_empty    one empty job through a pool of 2 workers with a queue of
+                             capacity 0: the submitter hands each job to a waiting worker
+     pool2_cap64_1M_empty    the same with a queue of 64
+     pool2_unbuf_1M_1us      jobs of ~1 us busy work (bench_busy_ns, as the peers), 2
+                             workers, capacity 0; maxrss_kb must not grow with N
+     errgroup_limit2_1M_empty / errgroup_limit2_1M_1us
+                             one task through conc_group_go with conc_group_set_limit(2),
+                             then conc_group_wait
+   Extras: blocked_frac (submits that had to wait), threads (threads the group started). */
+#define CONC_IMPLEMENTATION
+#include "conc.h"
+
+#include "bench.h"
+
+static _Atomic int64_t bench_ran;
+
+/* Voluntary context switches of the whole process per operation: how often a thread went
+   to sleep (a futex wait) - the cost this machine punishes most. */
+static double csw_per_op(int64_t n) {
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) != 0) return -1;
+    return (double)ru.ru_nvcsw / (double)n;
+}
+
+static int job_empty(void *arg, conc_ctx_t *ctx) {
+    (void)arg;
+    (void)ctx;
+    atomic_fetch_add_explicit(&bench_ran, 1, memory_order_relaxed);
+    return 0;
+}
+
+static int job_1us(void *arg, conc_ctx_t *ctx) {
+    (void)arg;
+    (void)ctx;
+    bench_busy_ns(1000);
+    atomic_fetch_add_explicit(&bench_ran, 1, memory_order_relaxed);
+    return 0;
+}
+
+static int pool_case(int64_t n, size_t cap, conc_task_fn fn, bench_out *out) {
+    atomic_store(&bench_ran, 0);
+    int64_t t0 = bench_now();
+    conc_pool_t *p = conc_pool_new(2, cap, NULL);
+    if (!p) return bench_fail("conc_pool_new returned NULL");
+    for (int64_t i = 0; i < n; i++) {
+        int rc = conc_pool_submit(p, fn, NULL, NULL);
+        if (rc != 0) return bench_fail("conc_pool_submit: %s", conc_strerror(rc));
+    }
+    int rc = conc_pool_shutdown(p, NULL, NULL, NULL);
+    out->elapsed_ns = bench_now() - t0;
+    out->ops = n;
+    if (rc != 0) return bench_fail("conc_pool_shutdown: %s", conc_strerror(rc));
+    conc_pool_stats st;
+    conc_pool_stats_get(p, &st);
+    conc_pool_free(p);
+    if (atomic_load(&bench_ran) != n || st.completed != (uint64_t)n || st.submitted != (uint64_t)n)
+        return bench_fail("ran %lld, completed %llu of %lld", (long long)atomic_load(&bench_ran),
+                          (unsigned long long)st.completed, (long long)n);
+    bench_extra(out, "blocked_frac=%.3f sleeps_per_op=%.3f", (double)st.blocked / (double)n, csw_per_op(n));
+    return 0;
+}
+
+static int case_pool_unbuf_empty(int64_t n, bench_out *out) { return pool_case(n, 0, job_empty, out); }
+static int case_pool_cap64_empty(int64_t n, bench_out *out) { return pool_case(n, 64, job_empty, out); }
+static int case_pool_unbuf_1us(int64_t n, bench_out *out) { return pool_case(n, 0, job_1us, out); }
+
+static int group_case(int64_t n, conc_task_fn fn, bench_out *out) {
+    atomic_store(&bench_ran, 0);
+    int64_t t0 = bench_now();
+    conc_group_t *g = conc_group_new(NULL);
+    if (!g) return bench_fail("conc_group_new returned NULL");
+    conc_group_set_limit(g, 2);
+    for (int64_t i = 0; i < n; i++) {
+        int rc = conc_group_go(g, fn, NULL, NULL);
+        if (rc != 0) return bench_fail("conc_group_go: %s", conc_strerror(rc));
+    }
+    int rc = conc_group_wait(g, NULL);
+    out->elapsed_ns = bench_now() - t0;
+    out->ops = n;
+    if (rc != 0) return bench_fail("conc_group_wait: %s", conc_strerror(rc));
+    conc_group_stats st;
+    conc_group_stats_get(g, &st);
+    conc_group_free(g);
+    if (atomic_load(&bench_ran) != n || st.finished != (uint64_t)n)
+        return bench_fail("ran %lld of %lld", (long long)atomic_load(&bench_ran), (long long)n);
+    bench_extra(out, "blocked_frac=%.3f threads=%llu sleeps_per_op=%.3f", (double)st.blocked / (double)n,
+                (unsigned long long)st.threads, csw_per_op(n));
+    return 0;
+}
+
+static int case_group_empty(int64_t n, bench_out *out) { return group_case(n, job_empty, out); }
+static int case_group_1us(int64_t n, bench_out *out) { return group_case(n, job_1us, out); }
+
+static const bench_case cases[] = {
+    {"pool2_unbuf_1M_empty", 1000000, case_pool_unbuf_empty, 0},
+    {"pool2_cap64_1M_empty", 1000000, case_pool_cap64_empty, 0},
+    {"pool2_unbuf_1M_1us", 1000000, case_pool_unbuf_1us, 0},
+    {"errgroup_limit2_1M_empty", 1000000, case_group_empty, 0},
+    {"errgroup_limit2_1M_1us", 1000000, case_group_1us, 0},
+};
+
+int main(int argc, char **argv) {
+    return bench_main(argc, argv, cases, sizeof cases / sizeof cases[0]);
+}

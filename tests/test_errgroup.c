@@ -1,0 +1,354 @@
+/* test_errgroup.c - error groups (>>group). */
+#define CONC_IMPLEMENTATION
+#include "conc.h"
+#include "tap.h"
+#include "test_util.h"
+
+#include <stdatomic.h>
+
+static int task_ok(void *arg, conc_ctx_t *ctx) {
+    (void)ctx;
+    if (arg) atomic_fetch_add((_Atomic int *)arg, 1);
+    return 0;
+}
+
+static int task_ret(void *arg, conc_ctx_t *ctx) {
+    (void)ctx;
+    return (int)(intptr_t)arg;
+}
+
+/* Waits for the group's context to end; returns what it saw. */
+static int task_wait_ctx(void *arg, conc_ctx_t *ctx) {
+    if (arg) atomic_fetch_add((_Atomic int *)arg, 1);
+    return conc_ctx_wait(ctx);
+}
+
+TEST(all_ok) {
+    conc_group_t *g = conc_group_new(NULL);
+    ASSERT(g != NULL);
+    _Atomic int n = 0;
+    for (int i = 0; i < 100; i++) ASSERT_EQ(conc_group_go(g, task_ok, (void *)&n, NULL), 0);
+    EXPECT_EQ(conc_group_wait(g, NULL), 0);
+    EXPECT_EQ(atomic_load(&n), 100);
+    EXPECT_EQ(conc_group_try_wait(g), 0);
+    EXPECT_EQ(conc_group_errors(g, NULL, 0), 0);
+    /* as errgroup.WithContext: Wait cancels the group's context */
+    EXPECT_EQ(conc_ctx_err(conc_group_ctx(g)), CONC_CANCELED);
+    EXPECT_EQ(conc_group_go(g, NULL, NULL, NULL), CONC_INVALID);
+    EXPECT_EQ(conc_group_go(NULL, task_ok, NULL, NULL), CONC_INVALID);
+    conc_group_free(g);
+    conc_group_free(NULL);
+}
+
+TEST(first_error_cancels_and_is_never_replaced) {
+    conc_ctx_t *parent = conc_ctx_with_cancel(NULL);
+    conc_group_t *g = conc_group_new(parent);
+    ASSERT(g != NULL);
+    _Atomic int waiting = 0;
+    for (int i = 0; i < 4; i++) ASSERT_EQ(conc_group_go(g, task_wait_ctx, (void *)&waiting, NULL), 0);
+    while (atomic_load(&waiting) < 4) nap();
+    EXPECT_EQ(conc_group_try_wait(g), CONC_WOULD_BLOCK);
+    ASSERT_EQ(conc_group_go(g, task_ret, (void *)42, NULL), 0);
+    EXPECT_EQ(conc_group_wait(g, NULL), 42);
+    EXPECT_EQ(conc_ctx_cause(conc_group_ctx(g)), 42);
+    EXPECT_EQ(conc_ctx_err(parent), 0); /* a child never touches its parent */
+    /* the waiting tasks returned CONC_CANCELED: later errors, listed, not first */
+    conc_group_error errs[8];
+    size_t ne = conc_group_errors(g, errs, 8);
+    EXPECT_EQ(ne, 5);
+    EXPECT_EQ(errs[0].err, 42);
+    EXPECT(errs[0].arg == (void *)42);
+    for (size_t i = 1; i < ne && i < 8; i++) EXPECT_EQ(errs[i].err, CONC_CANCELED);
+    /* and later errors, after wait, do not replace it either */
+    ASSERT_EQ(conc_group_go(g, task_ret, (void *)43, NULL), 0);
+    EXPECT_EQ(conc_group_wait(g, NULL), 42);
+    EXPECT_EQ(conc_group_errors(g, NULL, 0), 6);
+    conc_group_stats st;
+    conc_group_stats_get(g, &st);
+    EXPECT_EQ(st.started, 6);
+    EXPECT_EQ(st.finished, 6);
+    EXPECT_EQ(st.failed, 6);
+    conc_group_free(g);
+    conc_ctx_release(parent);
+}
+
+TEST(parent_cancel_reaches_tasks) {
+    conc_ctx_t *parent = conc_ctx_with_cancel(NULL);
+    conc_group_t *g = conc_group_new(parent);
+    ASSERT(g != NULL);
+    _Atomic int waiting = 0;
+    for (int i = 0; i < 3; i++) ASSERT_EQ(conc_group_go(g, task_wait_ctx, (void *)&waiting, NULL), 0);
+    conc_ctx_t *c = conc_ctx_with_timeout(NULL, 10 * CONC_MILLISECOND);
+    EXPECT_EQ(conc_group_wait(g, c), CONC_DEADLINE_EXCEEDED); /* tasks still run */
+    conc_ctx_release(c);
+    conc_ctx_cancel_cause(parent, 77);
+    EXPECT_EQ(conc_group_wait(g, NULL), CONC_CANCELED);
+    EXPECT_EQ(conc_ctx_cause(conc_group_ctx(g)), 77);
+    conc_group_free(g);
+    conc_ctx_release(parent);
+}
+
+typedef struct {
+    conc_chan_t *gate;
+    _Atomic int started, running, max_running;
+} lim_arg;
+
+static int task_gated(void *arg, conc_ctx_t *ctx) {
+    lim_arg *l = (lim_arg *)arg;
+    int now = atomic_fetch_add(&l->running, 1) + 1;
+    int m = atomic_load(&l->max_running);
+    while (now > m && !atomic_compare_exchange_weak(&l->max_running, &m, now)) {
+    }
+    atomic_fetch_add(&l->started, 1);
+    conc_case cs[2] = {CONC_RECV(l->gate, NULL), CONC_DONE(ctx)};
+    (void)conc_select(cs, 2, NULL);
+    atomic_fetch_sub(&l->running, 1);
+    return 0;
+}
+
+typedef struct {
+    conc_group_t *g;
+    lim_arg *l;
+    int rc;
+} goer_arg;
+
+static void *goer(void *a) {
+    goer_arg *ga = (goer_arg *)a;
+    ga->rc = conc_group_go(ga->g, task_gated, ga->l, NULL);
+    return NULL;
+}
+
+TEST(set_limit_blocks_go_and_try_go) {
+    conc_group_t *g = conc_group_new(NULL);
+    ASSERT(g != NULL);
+    lim_arg l = {conc_chan_new(0, 0), 0, 0, 0};
+    ASSERT_EQ(conc_group_set_limit(g, 2), 0);
+    ASSERT_EQ(conc_group_go(g, task_gated, &l, NULL), 0);
+    ASSERT_EQ(conc_group_go(g, task_gated, &l, NULL), 0);
+    EXPECT_EQ(conc_group_try_go(g, task_gated, &l), CONC_WOULD_BLOCK);
+    EXPECT_EQ(conc_group_set_limit(g, 5), CONC_BUSY); /* Go panics here */
+    conc_ctx_t *c = conc_ctx_with_timeout(NULL, 10 * CONC_MILLISECOND);
+    EXPECT_EQ(conc_group_go(g, task_gated, &l, c), CONC_DEADLINE_EXCEEDED);
+    conc_ctx_release(c);
+    goer_arg ga = {g, &l, 99};
+    pthread_t t;
+    spawn(&t, goer, &ga);
+    for (;;) { /* until the goer is blocked */
+        conc_group_stats st;
+        conc_group_stats_get(g, &st);
+        if (st.blocked >= 2) break;
+        nap();
+    }
+    EXPECT_EQ(ga.rc, 99);
+    ASSERT_EQ(conc_chan_send(l.gate, NULL, NULL), 0); /* one ends: the goer's task starts */
+    pthread_join(t, NULL);
+    EXPECT_EQ(ga.rc, 0);
+    conc_chan_close(l.gate);
+    EXPECT_EQ(conc_group_wait(g, NULL), 0);
+    EXPECT_EQ(atomic_load(&l.started), 3);
+    EXPECT_EQ(atomic_load(&l.max_running), 2);
+    conc_group_stats st;
+    conc_group_stats_get(g, &st);
+    EXPECT(st.threads <= 2);
+    EXPECT(st.blocked_ns > 0); /* the wait began after the ctx was made: less than its 10 ms */
+    /* limit 0: nothing can be added (Go's SetLimit(0)) */
+    ASSERT_EQ(conc_group_set_limit(g, 0), 0);
+    EXPECT_EQ(conc_group_try_go(g, task_ok, NULL), CONC_WOULD_BLOCK);
+    ASSERT_EQ(conc_group_set_limit(g, -1), 0);
+    EXPECT_EQ(conc_group_try_go(g, task_ok, NULL), 0);
+    EXPECT_EQ(conc_group_wait(g, NULL), 0);
+    conc_group_free(g);
+    conc_chan_free(l.gate);
+}
+
+/* The registry's threads started since scope with this purpose; checks file:line. */
+static int count_threads(uint64_t scope, const char *purpose, int line) {
+    conc_thread_info info[64];
+    size_t n = conc_threads_list(info, 64);
+    int k = 0;
+    for (size_t i = 0; i < n && i < 64; i++) {
+        if (info[i].id <= scope || strcmp(info[i].purpose, purpose) != 0) continue;
+        k++;
+        EXPECT(strcmp(info[i].file, __FILE__) == 0);
+        EXPECT_EQ(info[i].line, line);
+    }
+    return k;
+}
+
+TEST(threads_are_reused) {
+    uint64_t scope = conc_leak_begin();
+    int line = __LINE__ + 1;
+    conc_group_t *g = conc_group_new(NULL);
+    ASSERT(g != NULL);
+    ASSERT_EQ(conc_group_set_limit(g, 3), 0);
+    _Atomic int n = 0;
+    for (int i = 0; i < 3000; i++) ASSERT_EQ(conc_group_go(g, task_ok, (void *)&n, NULL), 0);
+    EXPECT_EQ(conc_group_wait(g, NULL), 0);
+    EXPECT_EQ(atomic_load(&n), 3000);
+    conc_group_stats st;
+    conc_group_stats_get(g, &st);
+    EXPECT(st.threads >= 1 && st.threads <= 3);
+    EXPECT_EQ(count_threads(scope, "errgroup worker", line), (int)st.threads);
+    conc_group_free(g);
+    EXPECT_EQ(conc_leak_check(scope, CONC_SECOND, NULL, NULL, 0, NULL), 0);
+    /* without a limit, sequential go/wait rounds reuse the one waiting thread */
+    g = conc_group_new(NULL);
+    ASSERT(g != NULL);
+    for (int i = 0; i < 200; i++) {
+        ASSERT_EQ(conc_group_go(g, task_ok, (void *)&n, NULL), 0);
+        /* task done and its worker waiting again before the next go? not guaranteed:
+           the count stays small all the same */
+        while (conc_group_try_wait(g) == CONC_WOULD_BLOCK) sched_yield();
+    }
+    conc_group_stats_get(g, &st);
+    EXPECT(st.threads <= 3);
+    conc_group_free(g);
+    EXPECT_EQ(conc_leak_check(scope, CONC_SECOND, NULL, NULL, 0, NULL), 0);
+}
+
+TEST(no_thread_leaks_after_everything) {
+    EXPECT_EQ(conc_leak_check(0, CONC_SECOND, NULL, NULL, 0, NULL), 0);
+}
+
+/* ---- stress: many threads calling go, errors racing, many short-lived groups ---- */
+
+typedef struct {
+    conc_group_t *g;
+    int n, fail_at;
+    uint64_t seed;
+    _Atomic int *ran;
+} gstress_arg;
+
+static int task_maybe_fail(void *arg, conc_ctx_t *ctx) {
+    intptr_t v = (intptr_t)arg;
+    (void)ctx;
+    if (v > 0) return (int)v;
+    return 0;
+}
+
+static void *gstress(void *a) {
+    gstress_arg *s = (gstress_arg *)a;
+    for (int i = 0; i < s->n; i++) {
+        jitter(&s->seed);
+        intptr_t v = (i == s->fail_at) ? (intptr_t)(1000 + (int)(rnd(&s->seed) % 1000)) : 0;
+        int rc;
+        if (rnd(&s->seed) % 4 == 0) {
+            while ((rc = conc_group_try_go(s->g, task_maybe_fail, (void *)v)) == CONC_WOULD_BLOCK) sched_yield();
+        } else {
+            rc = conc_group_go(s->g, task_maybe_fail, (void *)v, NULL);
+        }
+        if (rc != 0) {
+            printf("# go: %s\n", conc_strerror(rc));
+            abort();
+        }
+    }
+    return NULL;
+}
+
+TEST(stress_many_groups_errors_and_limits) {
+    long rounds = tap_iters(150);
+    for (long r = 0; r < rounds; r++) {
+        conc_group_t *g = conc_group_new(NULL);
+        ASSERT(g != NULL);
+        if (r % 3) ASSERT_EQ(conc_group_set_limit(g, 1 + r % 4), 0);
+        enum { NG = 4 };
+        gstress_arg a[NG];
+        pthread_t t[NG];
+        int per = (int)tap_iters(200) + 2;
+        for (int k = 0; k < NG; k++) {
+            a[k] = (gstress_arg){g, per, (r % 2 && k == 1) ? per / 2 : -1, (uint64_t)(r * 31 + k + 1), NULL};
+            spawn(&t[k], gstress, &a[k]);
+        }
+        for (int k = 0; k < NG; k++) pthread_join(t[k], NULL);
+        int rc = conc_group_wait(g, NULL);
+        conc_group_stats st;
+        conc_group_stats_get(g, &st);
+        EXPECT_EQ(st.started, (uint64_t)(NG * per));
+        EXPECT_EQ(st.finished, (uint64_t)(NG * per));
+        if (r % 2) {
+            EXPECT(rc >= 1000 && rc < 2000);
+            EXPECT_EQ(conc_group_errors(g, NULL, 0), 1);
+            EXPECT_EQ(conc_ctx_cause(conc_group_ctx(g)), rc);
+        } else {
+            EXPECT_EQ(rc, 0);
+        }
+        if (r % 3) EXPECT(st.threads <= (uint64_t)(1 + r % 4));
+        conc_group_free(g);
+        if (tap__cur_failed) return;
+    }
+}
+
+/* Several tasks fail at about the same time: exactly one is first, wait returns it, the
+   context's cause is it, and every error is listed. */
+TEST(stress_racing_errors) {
+    long rounds = tap_iters(300);
+    for (long r = 0; r < rounds; r++) {
+        conc_group_t *g = conc_group_new(NULL);
+        ASSERT(g != NULL);
+        for (intptr_t i = 1; i <= 6; i++) ASSERT_EQ(conc_group_go(g, task_ret, (void *)i, NULL), 0);
+        int rc = conc_group_wait(g, NULL);
+        conc_group_error e[6];
+        ASSERT_EQ(conc_group_errors(g, e, 6), 6);
+        EXPECT_EQ(e[0].err, rc);
+        EXPECT_EQ(conc_ctx_cause(conc_group_ctx(g)), rc);
+        int sum = 0;
+        for (int i = 0; i < 6; i++) sum += e[i].err;
+        EXPECT_EQ(sum, 21);
+        conc_group_free(g);
+        if (tap__cur_failed) return;
+    }
+}
+
+/* A blocked go whose context ends as the limit frees up: 0 iff the task ran. */
+typedef struct {
+    conc_ctx_t *ctx;
+    uint64_t seed;
+} canceller_arg;
+
+static void *canceller(void *a) {
+    canceller_arg *c = (canceller_arg *)a;
+    jitter(&c->seed);
+    conc_ctx_cancel(c->ctx);
+    return NULL;
+}
+
+TEST(stress_go_cancel_races_limit) {
+    long rounds = tap_iters(1500);
+    conc_group_t *g = conc_group_new(NULL);
+    ASSERT(g != NULL);
+    ASSERT_EQ(conc_group_set_limit(g, 1), 0);
+    for (long r = 0; r < rounds; r++) {
+        _Atomic int a = 0, b = 0;
+        ASSERT_EQ(conc_group_go(g, task_ok, (void *)&a, NULL), 0);
+        conc_ctx_t *c = conc_ctx_with_cancel(NULL);
+        canceller_arg ca = {c, (uint64_t)r + 5};
+        pthread_t t;
+        spawn(&t, canceller, &ca);
+        int rc = conc_group_go(g, task_ok, (void *)&b, c);
+        pthread_join(t, NULL);
+        conc_ctx_release(c);
+        /* wait cancels the group's context; tasks do not care here */
+        ASSERT_EQ(conc_group_wait(g, NULL), 0);
+        EXPECT_EQ(atomic_load(&a), 1);
+        if (rc == 0) EXPECT_EQ(atomic_load(&b), 1);
+        else {
+            EXPECT_EQ(rc, CONC_CANCELED);
+            EXPECT_EQ(atomic_load(&b), 0);
+        }
+        if (tap__cur_failed) break;
+    }
+    conc_group_free(g);
+}
+
+int main(void) {
+    RUN(all_ok);
+    RUN(first_error_cancels_and_is_never_replaced);
+    RUN(parent_cancel_reaches_tasks);
+    RUN(set_limit_blocks_go_and_try_go);
+    RUN(threads_are_reused);
+    RUN(stress_racing_errors);
+    RUN(stress_go_cancel_races_limit);
+    RUN(stress_many_groups_errors_and_limits);
+    RUN(no_thread_leaks_after_everything);
+    return tap_done();
+}
