@@ -216,11 +216,12 @@ POOLS  (>>pool)
      No thread is started per job or per future.
    - conc_pool_shutdown(p, unrun, unrun_arg, ctx): from its first call on, submits return
      CONC_SHUTDOWN (blocked ones too, at once); queued and running jobs are drained, then
-     the workers are joined and it returns 0. If ctx ends first it cancels the pool's
-     context (so running jobs can stop early), takes every job still queued out of the
-     queue and calls unrun(fn, arg, unrun_arg) for each (and completes its future with
-     CONC_SHUTDOWN), then returns the ctx's err without waiting for the running jobs: call
-     shutdown again, or free, to wait for them. Nothing is dropped silently.
+     the workers are joined and it returns 0. If ctx ends first it takes every job still
+     queued out of the queue (none of them starts), cancels the pool's context (so running
+     jobs can stop early), calls unrun(fn, arg, unrun_arg) for each job it took (and
+     completes its future with CONC_SHUTDOWN), then returns the ctx's err without waiting
+     for the running jobs: call shutdown again, or free, to wait for them. Nothing is
+     dropped silently.
    - The pool's context ending (its parent cancelled) does not stop the pool: jobs still
      run and see their context ended.
    - Statistics (conc_pool_stats_get): jobs submitted, completed, rejected (try_submit on a
@@ -933,10 +934,11 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_siz
    conc_pool_shutdown(p, unrun, unrun_arg, ctx)  Stops accepting and refuses blocked submits;
                               Blocks: until queued and running jobs are done and the workers
                               joined, or ctx ends. Returns: 0; or the ctx's err, after
-                              cancelling the pool's context and calling unrun(fn, arg,
-                              unrun_arg) (may be NULL) on this thread for every job still
-                              queued (their futures complete with CONC_SHUTDOWN); jobs running
-                              then go on. CONC_INVALID (p NULL). May be called again.
+                              taking every job still queued out of the queue, cancelling
+                              the pool's context and calling unrun(fn, arg, unrun_arg) (may
+                              be NULL) on this thread for each job taken (their futures
+                              complete with CONC_SHUTDOWN); jobs running then go on.
+                              CONC_INVALID (p NULL). May be called again.
    conc_pool_ctx(p)           The pool's context (owned by p; valid until free).
    conc_pool_stats_get(p, &s) A consistent snapshot of p's statistics (blocked_ns may lag by
                               the submits returning at that moment).
@@ -4151,9 +4153,26 @@ CONC_API int conc_pool_shutdown(conc_pool_t *pool, conc_pool_unrun_fn unrun, voi
         conc__core_join(c);
         return 0;
     }
-    /* out of time: stop what runs, and hand back what never started, one job at a time
-       (a worker may take the next one meanwhile: whoever pops it owns it) */
+    /* out of time: first take back what never started, so that no worker starts it with
+       the context about to end, then stop what runs and report. Without memory for the
+       list, one job at a time after the cancel (a worker may take the next one meanwhile:
+       whoever pops it owns it). */
+    conc__job *left = c->cap ? (conc__job *)CONC_MALLOC(c->cap * sizeof *left) : NULL;
+    size_t nleft = 0;
+    if (left) {
+        conc__spin_lock(&c->mu);
+        {
+            while (c->count > 0) left[nleft++] = conc__core_ring_pop(c);
+            c->unrun += nleft;
+        }
+        conc__spin_unlock(&c->mu);
+    }
     conc_ctx_cancel(c->ctx);
+    for (size_t i = 0; i < nleft; i++) {
+        if (left[i].fut) conc__future_complete(left[i].fut, CONC_SHUTDOWN, 0);
+        if (unrun) unrun(left[i].fn, left[i].arg, unrun_arg);
+    }
+    CONC_FREE(left);
     for (;;) {
         conc__job job;
         bool got = false;
