@@ -445,8 +445,9 @@ ERRORS
       CONC_WOULD_BLOCK        -4  a try_ call (or try_select) could not proceed at once
       CONC_NOMEM              -5  out of memory
       CONC_INVALID            -6  an argument is invalid (NULL object, size mismatch, ...)
-      CONC_BUSY               -7  the object is still in use (free with waiters), or a
-                                  signal already has a signal context
+      CONC_BUSY               -7  the object is still in use (free with waiters), a
+                                  signal already has a signal context, or a group's limit
+                                  is changed while tasks run (Go panics)
       CONC_SYSTEM             -8  a system call failed (pthread_create, ...)
       CONC_NEGATIVE_COUNT     -9  conc_wg_add would take the counter below 0 (Go panics)
       CONC_OVER_RELEASE      -10  conc_sem_release of more than is held (Go panics)
