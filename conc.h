@@ -212,7 +212,8 @@ POOLS  (>>pool)
    - conc_pool_submit_future(p, fn, arg, &f, ctx) also gives a future: conc_future_wait(f,
      &result, ctx) blocks until the job has run and returns 0 with what it returned, or
      CONC_SHUTDOWN if it never will (reported unrun); any number of threads may wait on it.
-     conc_future_free(f) may come before the job has run (the result is then dropped).
+     conc_future_free(f) may come before the job has run (the result is then dropped),
+     and while other threads wait on f (they still get the result).
      No thread is started per job or per future.
    - conc_pool_shutdown(p, unrun, unrun_arg, ctx): from its first call on, submits return
      CONC_SHUTDOWN (blocked ones too, at once); queued and running jobs are drained, then
@@ -229,7 +230,8 @@ POOLS  (>>pool)
      many submits blocked and for how long in total; the queue's high-water mark; queued
      and running now.
    - conc_pool_free(p) shuts down without a deadline (drains everything), joins and frees.
-     It must be the last use of p.
+     It must be the last use of p: also after a shutdown, call it only once the submits
+     that shutdown refused have returned.
 
 ERRGROUPS  (>>group)
 
@@ -254,9 +256,11 @@ ERRGROUPS  (>>group)
      run (that is why it takes a context: it returns the ctx's err if that ends first, and
      the task is then not started), conc_group_try_go returns CONC_WOULD_BLOCK. n < 0: no
      limit (the default); 0: no task can be added. As in Go the limit may change only while
-     no task runs (CONC_BUSY otherwise; Go panics). With a limit the group never has more
-     than n threads. A go never runs the task on the calling thread: a task may wait for
-     something its caller does after go returns.
+     no task runs (CONC_BUSY otherwise; Go panics). A group whose limit is set before its
+     first go never starts more than n threads (threads started earlier without a limit
+     stay until free). A go never runs the task on the calling thread: a task may wait
+     for something its caller does after go returns. If a thread cannot be started, that
+     go returns CONC_NOMEM or CONC_SYSTEM and a go blocked on the limit tries again.
    - Without a limit every task gets a thread of its own while it runs (tasks may wait for
      each other, as goroutines may), so a burst of blocking tasks starts as many threads;
      they stay, waiting, until conc_group_free.
@@ -416,7 +420,8 @@ PARALLEL MAP  (>>map)
      err. An item that did not run leaves its out[i] untouched; 0 means every item ran.
    - The caller's thread is one of the workers and limit-1 threads are started per call
      (registered as "parallel map", site of the call) and joined before it returns; if no
-     thread can be started, fewer workers do the work. Indices are claimed in chunks that
+     thread can be started, fewer workers do the work. A limit above 1024 is taken as
+     1024. Indices are claimed in chunks that
      shrink as the work runs out, so a cheap fn costs a few ns per item.
 
 THREAD SAFETY AND BLOCKING
@@ -949,9 +954,11 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_siz
                               May be called again, from any number of threads.
    conc_future_try_wait(f, &r)  Never blocks. CONC_WOULD_BLOCK until the job has run; then as
                               conc_future_wait.
-   conc_future_free(f)        Frees the caller's handle (the job keeps its own until it has
-                              run). Returns: 0; CONC_BUSY (nothing freed) while threads wait on
-                              f. NULL is a no-op (0).
+   conc_future_free(f)        Drops the caller's handle. The job keeps its own reference until
+                              it has run, and each blocked conc_future_wait its own until it
+                              returns, so free may come at any time: waits already blocked
+                              still get the result. The handle's last use (no new wait or
+                              try_wait on f after it). Returns: 0. NULL is a no-op.
                               Thread safety (every >>pool function but the frees): any thread,
                               concurrently; also from a job, except shutdown and free (they
                               wait for the job itself). A job that waits for its own pool's
@@ -1000,7 +1007,7 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_siz
                               afterwards; free only after every call on l has returned.
    conc_limiter_allow(l, n)   Takes n tokens if they are there now. Never blocks. Returns:
                               true if taken; false if not (nothing taken), also for n >
-                              burst, n < 0, l NULL. n == 0: true.
+                              burst with a finite rate, n < 0, l NULL. n == 0: true.
    conc_limiter_wait(l, n, ctx)  Reserves n tokens and sleeps until they exist. Blocks:
                               until then, or until ctx ends. Returns: 0 (taken);
                               CONC_DEADLINE_EXCEEDED at once, taking nothing, if ctx's
@@ -3513,7 +3520,7 @@ typedef struct conc__core {
     size_t nworkers;            /* (mu) started and not yet left */
     size_t max_workers;         /* immutable; SIZE_MAX: grow on demand (groups) */
     bool shutting;              /* (mu) */
-    bool joined;                /* (mu) a joiner has taken `all` */
+    pthread_mutex_t join_mu;    /* held by a joiner: a second shutdown returns after the first joined */
     int kind;                   /* immutable: CONC__POOL_KIND / CONC__GROUP_KIND */
     conc__worker *all;          /* (mu) every worker started, for the joiner */
     conc_ctx_t *ctx;            /* immutable: the jobs' context; the core's reference */
@@ -3528,8 +3535,9 @@ typedef struct conc__core {
 } conc__core;
 
 /* ---- futures ---- */
-/* A future is shared by the job (one reference, dropped when it completes it) and the
-   submitter (dropped by conc_future_free).
+/* A future is shared by the job (one reference, dropped when it completes it), the
+   submitter (dropped by conc_future_free) and each blocked wait (taken under mu when it
+   queues, dropped after its last read of f).
    Invariants: state goes once from 0 to 1, under mu, after result and status are written;
    read without the lock (acquire) by the fast paths. Waiters queue on `waiters` (mu) only
    while state is 0; completion claims them all.
@@ -3625,6 +3633,9 @@ CONC_API int conc_future_wait(conc_future_t *f, int *result, conc_ctx_t *ctx) {
     w.case_index = 0;
     w.since = 0;
     conc__wq_push(&f->waiters, &w);
+    /* a blocked wait holds its own reference: the handle may be freed meanwhile, and the
+       job's reference is dropped as soon as it has woken us, before we read the result */
+    atomic_fetch_add_explicit(&f->refs, 1, CONC__RELAXED);
     CONC__UNLOCK(&f->mu);
 
     conc__sel_park(&s);
@@ -3639,17 +3650,12 @@ CONC_API int conc_future_wait(conc_future_t *f, int *result, conc_ctx_t *ctx) {
         rc = conc__future_get(f, result);
     }
     conc__sel_fini(&s);
+    conc__future_unref(f); /* after the last read of f */
     return rc;
 }
 
 CONC_API int conc_future_free(conc_future_t *f) {
-    if (!f) return 0;
-    bool busy;
-    CONC__LOCK(&f->mu);
-    busy = f->waiters.head != NULL;
-    CONC__UNLOCK(&f->mu);
-    if (busy) return CONC_BUSY;
-    conc__future_unref(f);
+    if (f) conc__future_unref(f); /* waits still blocked keep it alive with their own */
     return 0;
 }
 
@@ -3683,6 +3689,7 @@ static conc__job conc__core_ring_pop(conc__core *c) {
 /* mu held. Tries to accept *job without blocking. 0: accepted (*wake: a worker claimed for
    it, or *spawn: start a worker with it); else CONC_SHUTDOWN or CONC_WOULD_BLOCK. */
 #define CONC__CORE_WATCH 1 /* conc__core_accept_locked: rather wait for a spinner than wake a sleeper */
+#define CONC__CORE_RETRY 2 /* conc__core_block: a failed thread start gave back a slot; accept again */
 
 static bool conc__worker_asleep(conc__worker *wk) {
     return atomic_load_explicit(&wk->s.park, CONC__RELAXED) > CONC__PARK_DONE;
@@ -3854,7 +3861,12 @@ static void conc__worker_main(void *arg) {
             conc__core_park(&wk->s);
             int st = wk->s.status;
             conc__sel_fini(&wk->s);
-            if (st != 0) break; /* the shutdown claimed us: nothing is handed over */
+            if (st != 0) { /* the shutdown claimed us: nothing is handed over */
+                conc__spin_lock(&c->mu);
+                c->nworkers--;
+                conc__spin_unlock(&c->mu);
+                break;
+            }
             job = wk->job;
             have = true;
         }
@@ -3916,12 +3928,14 @@ static int conc__core_init(conc__core *c, int kind, size_t workers, size_t cap, 
     atomic_init(&c->blocked_ns, 0);
     atomic_init(&c->idle_epoch, 0);
     if (conc__spin_init(&c->mu) != 0) goto fail_ring;
-    if (!(c->live = conc_wg_new())) goto fail_mu;
+    conc__mutex_init(&c->join_mu);
+    if (!(c->live = conc_wg_new())) goto fail_join;
     if (!(c->ctx = conc_ctx_with_cancel(parent))) goto fail_wg;
     return 0;
 fail_wg:
     conc_wg_free(c->live);
-fail_mu:
+fail_join:
+    pthread_mutex_destroy(&c->join_mu);
     conc__spin_destroy(&c->mu);
 fail_ring:
     CONC__CHECKED(&c->blocked_ns);
@@ -3959,10 +3973,10 @@ static void conc__core_begin_shutdown(conc__core *c) {
 /* Joins every worker that has left (all of them: called once `live` is 0). */
 static void conc__core_join(conc__core *c) {
     conc__worker *all;
+    CONC__LOCK(&c->join_mu); /* a later joiner waits until the first has joined them all */
     conc__spin_lock(&c->mu);
-    all = c->joined ? NULL : c->all;
+    all = c->all;
     c->all = NULL;
-    c->joined = true;
     conc__spin_unlock(&c->mu);
     while (all) {
         conc__worker *next = all->next;
@@ -3970,6 +3984,7 @@ static void conc__core_join(conc__core *c) {
         CONC_FREE(all);
         all = next;
     }
+    CONC__UNLOCK(&c->join_mu);
 }
 
 static void conc__core_destroy(conc__core *c) {
@@ -3978,6 +3993,7 @@ static void conc__core_destroy(conc__core *c) {
     conc__core_join(c);
     conc_ctx_release(c->ctx);
     conc_wg_free(c->live);
+    pthread_mutex_destroy(&c->join_mu);
     conc__spin_destroy(&c->mu);
     CONC__CHECKED(&c->blocked_ns);
     CONC__CHECKED(&c->idle_epoch);
@@ -4031,6 +4047,7 @@ static int conc__core_submit(conc__core *c, const conc__job *job, conc_ctx_t *ct
     conc__worker *wake = NULL;
     bool spawn = false;
     int rc;
+retry:
     conc__spin_lock(&c->mu);
     rc = conc__core_accept_locked(c, job, &wake, &spawn, block);
     if (rc == CONC__CORE_WATCH) {
@@ -4050,29 +4067,32 @@ static int conc__core_submit(conc__core *c, const conc__job *job, conc_ctx_t *ct
         conc__spin_lock(&c->mu);
         rc = conc__core_accept_locked(c, job, &wake, &spawn, false);
     }
-    if (rc == CONC_WOULD_BLOCK && block) return conc__core_block(c, job, ctx);
+    if (rc == CONC_WOULD_BLOCK && block) {
+        rc = conc__core_block(c, job, ctx);
+        if (rc == CONC__CORE_RETRY) goto retry; /* a failed start gave back the slot we waited for */
+        return rc;
+    }
     if (rc != 0) c->rejected++;
     conc__spin_unlock(&c->mu);
     if (wake) conc__sel_wake(&wake->s);
     if (spawn) {
         rc = conc__core_start_worker(c, job);
         if (rc != 0) {
-            /* take the reservation back; if no worker is left to serve the blocked, fail them */
-            conc__waiter *fail = NULL, *w;
+            /* take the reservation back. The slot is free again: the first go blocked on the
+               limit must not wait for an unrelated task to end (which may wait for its
+               caller): it tries again - an idle worker, a thread start of its own (which
+               may fail in turn, and pass the slot on the same way), or the queue. */
+            conc__waiter *w = NULL;
             conc__spin_lock(&c->mu);
             {
                 c->nworkers--;
                 c->active--;
                 c->submitted--;
-                if (c->nworkers == 0)
-                    while ((w = conc__wq_claim(&c->blocked)) != NULL) {
-                        w->sel->status = rc;
-                        w->next = fail;
-                        fail = w;
-                    }
+                if (c->limit < 0 || c->active < c->limit) w = conc__wq_claim(&c->blocked);
+                if (w) w->sel->status = CONC__CORE_RETRY;
             }
             conc__spin_unlock(&c->mu);
-            conc__wake_list(fail);
+            if (w) conc__sel_wake(w->sel);
         }
     }
     return rc;
@@ -4374,7 +4394,7 @@ CONC_API size_t conc_group_errors(conc_group_t *g, conc_group_error *out, size_t
     CONC__LOCK(&g->emu);
     {
         n = g->nerr;
-        if (out) memcpy(out, g->errs, (cap < n ? cap : n) * sizeof *out);
+        if (out && g->errs) memcpy(out, g->errs, (cap < n ? cap : n) * sizeof *out);
     }
     CONC__UNLOCK(&g->emu);
     return n;
@@ -5128,6 +5148,7 @@ CONC_API int conc_leak_check(uint64_t scope, int64_t grace_ns, conc_ctx_t *ctx, 
    Lock order: none (atomics; fn runs with no conc lock held). */
 
 #define CONC__MAP_CHUNK_MAX 1024
+#define CONC__MAP_MAX_WORKERS 1024 /* a larger limit is taken as this (a thread each) */
 
 typedef struct conc__map {
     conc_ctx_t *ctx; /* the map's context, a child of the caller's */
@@ -5146,7 +5167,7 @@ static void conc__map_work(void *p) {
     size_t ran = 0;
     size_t start = atomic_load_explicit(&m->next, CONC__RELAXED);
     while (start < m->n) {
-        size_t take = (m->n - start) / (4 * m->workers);
+        size_t take = (m->n - start) / m->workers / 4;
         take = take < 1 ? 1 : take > CONC__MAP_CHUNK_MAX ? CONC__MAP_CHUNK_MAX : take;
         if (!atomic_compare_exchange_weak_explicit(&m->next, &start, start + take, CONC__RELAXED, CONC__RELAXED))
             continue; /* start now holds the current value */
@@ -5184,6 +5205,7 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *parent, const void *in, size_t in_
     m.out_size = out_size;
     m.n = n;
     m.workers = limit ? limit : (size_t)conc__ncpu();
+    if (m.workers > CONC__MAP_MAX_WORKERS) m.workers = CONC__MAP_MAX_WORKERS;
     if (m.workers > n) m.workers = n;
     m.fn = fn;
     m.arg = arg;

@@ -32,6 +32,8 @@ TEST(all_ok) {
     EXPECT_EQ(atomic_load(&n), 100);
     EXPECT_EQ(conc_group_try_wait(g), 0);
     EXPECT_EQ(conc_group_errors(g, NULL, 0), 0);
+    conc_group_error none[2];
+    EXPECT_EQ(conc_group_errors(g, none, 2), 0); /* no error yet: nothing copied (UBSan) */
     /* as errgroup.WithContext: Wait cancels the group's context */
     EXPECT_EQ(conc_ctx_err(conc_group_ctx(g)), CONC_CANCELED);
     EXPECT_EQ(conc_group_go(g, NULL, NULL, NULL), CONC_INVALID);

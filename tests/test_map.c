@@ -86,6 +86,21 @@ TEST(map_invalid_arguments) {
     EXPECT_EQ(conc_parallel_map(NULL, NULL, 8, NULL, 8, 0, 1, square, NULL), 0); /* n 0: nothing to do */
 }
 
+/* An index-only map may be huge, and its limit too: the worker count is capped (no
+   overflow in the chunk arithmetic or the thread array), and a first error ends it at once. */
+static int fail_at_once(size_t i, const void *in, void *out, void *arg, conc_ctx_t *ctx) {
+    (void)i, (void)in, (void)out, (void)arg, (void)ctx;
+    return 3;
+}
+
+TEST(map_huge_n_and_limit) {
+    size_t n = (size_t)1 << (sizeof(size_t) * 8 - 2);
+    EXPECT_EQ(conc_parallel_map(NULL, NULL, 0, NULL, 0, n, 4, fail_at_once, NULL), 3);
+    if (CONC__ON_VALGRIND()) return; /* a thousand threads: too slow there */
+    EXPECT_EQ(conc_parallel_map(NULL, NULL, 0, NULL, 0, n, n, fail_at_once, NULL), 3);
+    EXPECT_EQ(conc_parallel_map(NULL, NULL, 0, NULL, 0, n / 2 + 2, SIZE_MAX, fail_at_once, NULL), 3);
+}
+
 /* limit 1 runs every item on the caller's thread, in order */
 static int record_order(size_t i, const void *in, void *out, void *arg, conc_ctx_t *ctx) {
     (void)ctx, (void)in;
@@ -272,6 +287,7 @@ int main(void) {
     RUN(map_default_and_large_limits);
     RUN(map_element_sizes);
     RUN(map_invalid_arguments);
+    RUN(map_huge_n_and_limit);
     RUN(map_limit_one_runs_inline);
     RUN(map_bounds_calls_in_flight);
     RUN(map_first_error_wins_and_cancels);

@@ -452,6 +452,100 @@ TEST(future_of_unrun_job_and_many_waiters) {
     conc_chan_free(g.gate);
 }
 
+/* The handle freed while threads wait on the future, then the job completes: the waits
+   keep the future alive and get the result (ASan/memcheck would see a use after free).
+   Half the rounds give one waiter a context cancelled at about the moment the job ends. */
+typedef struct {
+    conc_future_t *f;
+    conc_ctx_t *ctx;
+    int rc, res;
+    _Atomic int *queued;
+} fwaiter_ctx;
+
+static void *future_waiter_ctx(void *a) {
+    fwaiter_ctx *w = (fwaiter_ctx *)a;
+    atomic_fetch_add(w->queued, 1);
+    w->rc = conc_future_wait(w->f, &w->res, w->ctx);
+    return NULL;
+}
+
+static int queued_future_waiters(conc_future_t *f) { /* white box */
+    int n = 0;
+    pthread_mutex_lock(&f->mu);
+    for (conc__waiter *x = f->waiters.head; x; x = x->next) n++;
+    pthread_mutex_unlock(&f->mu);
+    return n;
+}
+
+TEST(future_freed_while_waited) {
+    conc_pool_t *p = conc_pool_new(1, 0, NULL);
+    ASSERT(p != NULL);
+    long rounds = tap_iters(400);
+    int bad = 0;
+    uint64_t seed = 77;
+    for (long r = 0; r < rounds; r++) {
+        gate_arg g = {conc_chan_new(0, 0), 0, 0};
+        conc_future_t *f;
+        if (conc_pool_submit_future(p, job_gate_only, &g, &f, NULL) != 0) {
+            bad++;
+            break;
+        }
+        _Atomic int queued = 0;
+        conc_ctx_t *ctx = (r & 1) ? conc_ctx_with_cancel(NULL) : NULL;
+        fwaiter_ctx w[2] = {{f, NULL, 9, 9, &queued}, {f, ctx, 9, 9, &queued}};
+        pthread_t t[2];
+        for (int i = 0; i < 2; i++) spawn(&t[i], future_waiter_ctx, &w[i]);
+        while (queued_future_waiters(f) < 2) sched_yield();
+        EXPECT_EQ(conc_future_free(f), 0); /* while both wait */
+        if (ctx && rnd(&seed) % 2) conc_ctx_cancel(ctx);
+        jitter(&seed);
+        conc_chan_close(g.gate); /* the job returns 0 (its context is live) */
+        if (ctx) conc_ctx_cancel(ctx);
+        for (int i = 0; i < 2; i++) pthread_join(t[i], NULL);
+        if (w[0].rc != 0 || w[0].res != 0) bad++;
+        if (!((w[1].rc == 0 && w[1].res == 0) || (ctx && w[1].rc == CONC_CANCELED))) bad++;
+        conc_ctx_release(ctx);
+        conc_chan_free(g.gate);
+    }
+    EXPECT_EQ(bad, 0);
+    conc_pool_free(p);
+}
+
+/* Two shutdowns at once: each returns 0 only once every worker has been joined. */
+typedef struct {
+    conc_pool_t *p;
+    uint64_t scope;
+    int rc, leaked;
+} shut_arg;
+
+static void *shutdown_and_check(void *a) {
+    shut_arg *x = (shut_arg *)a;
+    x->rc = conc_pool_shutdown(x->p, NULL, NULL, NULL);
+    size_t n = 0;
+    conc_leak_check(x->scope, 0, NULL, NULL, 0, &n); /* no grace: they must have ended */
+    x->leaked = (int)n;
+    return NULL;
+}
+
+TEST(concurrent_shutdowns_both_join) {
+    long rounds = tap_iters(100);
+    int bad = 0;
+    for (long r = 0; r < rounds; r++) {
+        uint64_t scope = conc_leak_begin();
+        conc_pool_t *p = conc_pool_new(3, 4, NULL);
+        ASSERT(p != NULL);
+        for (int i = 0; i < 6; i++) conc_pool_submit(p, job_count, NULL, NULL);
+        shut_arg a[2] = {{p, scope, 9, 9}, {p, scope, 9, 9}};
+        pthread_t t[2];
+        for (int i = 0; i < 2; i++) spawn(&t[i], shutdown_and_check, &a[i]);
+        for (int i = 0; i < 2; i++) pthread_join(t[i], NULL);
+        for (int i = 0; i < 2; i++)
+            if (a[i].rc != 0 || a[i].leaked != 0) bad++;
+        conc_pool_free(p);
+    }
+    EXPECT_EQ(bad, 0);
+}
+
 /* ---- contexts ---- */
 
 static int job_ctx_probe(void *arg, conc_ctx_t *ctx) {
@@ -576,6 +670,8 @@ int main(void) {
     RUN(blocked_submit_is_granted_in_order_and_refused_by_shutdown);
     RUN(future_wait_result_and_ctx);
     RUN(future_of_unrun_job_and_many_waiters);
+    RUN(future_freed_while_waited);
+    RUN(concurrent_shutdowns_both_join);
     RUN(jobs_get_the_pools_context);
     RUN(threads_are_registered_and_reused);
     RUN(stress_cancel_races_worker_taking_the_job);
