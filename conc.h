@@ -3525,7 +3525,6 @@ typedef struct conc__core {
     conc__worker *all;          /* (mu) every worker started, for the joiner */
     conc_ctx_t *ctx;            /* immutable: the jobs' context; the core's reference */
     conc_wg_t *live;            /* workers that have not left their loop */
-    _Atomic unsigned idle_epoch;/* bumped (under mu) whenever a worker starts waiting */
     const char *purpose, *file; /* immutable: for the thread registry */
     int line;
     /* statistics (mu) */
@@ -3688,24 +3687,21 @@ static conc__job conc__core_ring_pop(conc__core *c) {
 
 /* mu held. Tries to accept *job without blocking. 0: accepted (*wake: a worker claimed for
    it, or *spawn: start a worker with it); else CONC_SHUTDOWN or CONC_WOULD_BLOCK. */
-#define CONC__CORE_WATCH 1 /* conc__core_accept_locked: rather wait for a spinner than wake a sleeper */
-#define CONC__CORE_RETRY 2 /* conc__core_block: a failed thread start gave back a slot; accept again */
+#define CONC__CORE_RETRY 1 /* conc__core_block: a failed thread start gave back a slot; accept again */
 
 static bool conc__worker_asleep(conc__worker *wk) {
     return atomic_load_explicit(&wk->s.park, CONC__RELAXED) > CONC__PARK_DONE;
 }
 
-static int conc__core_accept_locked(conc__core *c, const conc__job *job, conc__worker **wake, bool *spawn,
-                                    bool may_watch) {
+static int conc__core_accept_locked(conc__core *c, const conc__job *job, conc__worker **wake, bool *spawn) {
     if (c->shutting) return CONC_SHUTDOWN;
     if (c->limit >= 0 && c->active >= c->limit) return CONC_WOULD_BLOCK;
     conc__waiter *iw = c->idle.head;
     if (iw) {
-        /* Waking a sleeper costs ~13 us; a spinning worker takes the job at once, and a
-           worker busy with a short job comes back (and spins) much sooner. So: the first
-           worker that is awake (among the first 8: spinners are recent, so near the
-           head), else wait for a busy one while it runs on another core, else the most
-           recent sleeper. */
+        /* Waking a sleeper costs ~13 us; a spinning worker takes the job at once. So: the
+           first worker that is awake (among the first 8: spinners are recent, so near the
+           head), else the most recent sleeper. (Waiting for a busy worker to come back
+           instead of waking a sleeper was measured: slower in every pool case.) */
         int k = 0;
         for (conc__waiter *x = iw; x && k < 8; x = x->next, k++)
             if (!conc__worker_asleep((conc__worker *)(void *)x)) {
@@ -3713,7 +3709,6 @@ static int conc__core_accept_locked(conc__core *c, const conc__job *job, conc__w
                 break;
             }
         conc__worker *wk = (conc__worker *)(void *)iw; /* w is the first member */
-        if (may_watch && CONC_SPIN_NS > 0 && !CONC__ON_VALGRIND() && c->active > 0 && c->active < conc__ncpu() && conc__worker_asleep(wk)) return CONC__CORE_WATCH;
         conc__wq_remove(&c->idle, iw);
         bool claimed = conc__sel_claim(&wk->s, 0); /* idle workers are claimed only here and by shutdown */
         CONC_ASSERT(claimed);
@@ -3782,8 +3777,10 @@ static void conc__core_run(conc__core *c, conc__job *job) {
    ~13 us. A wait that ends within the pause phase raises the phase to twice what that wait
    took (a peer on the other core keeps being caught without a syscall); one that has to
    yield halves it (the peer was likelier waiting for our core - on a machine shared with
-   other processes it drops to a few pauses). Measured on the shared machine: the empty-job
-   cases ~2x faster than conc__sel_park. Spinning with `pause` only, at most ncpu - 1
+   other processes it drops to a few pauses). Used by the workers of pools with a queue:
+   there it beat conc__sel_park; on an idle machine conc__sel_park was twice as fast for
+   hand-off pools and groups (their workers and blocked submitters use it; under heavy
+   load from other processes the opposite was seen). Spinning with `pause` only, at most ncpu - 1
    spinners and no yield, looked better on paper and was 4x slower whenever other
    processes shared the machine (a spinner then holds the very core its peer needs). */
 #define CONC__CORE_PAUSES_MAX 256
@@ -3852,13 +3849,16 @@ static void conc__worker_main(void *arg) {
                 wk->w.elem = &wk->job;
                 wk->w.case_index = 0;
                 conc__wq_push_front(&c->idle, &wk->w);
-                atomic_fetch_add_explicit(&c->idle_epoch, 1, CONC__RELAXED);
             }
         }
         conc__spin_unlock(&c->mu);
         if (wake) conc__sel_wake(wake->sel);
         if (!have) {
-            conc__core_park(&wk->s);
+            /* a hand-off pool's worker waits for the next submit, which comes within the
+               long pause phase of conc__sel_park; a queue's worker for a busier producer,
+               caught better by the adaptive short one (both measured, bench_pool) */
+            if (c->cap) conc__core_park(&wk->s);
+            else conc__sel_park(&wk->s);
             int st = wk->s.status;
             conc__sel_fini(&wk->s);
             if (st != 0) { /* the shutdown claimed us: nothing is handed over */
@@ -3924,9 +3924,7 @@ static int conc__core_init(conc__core *c, int kind, size_t workers, size_t cap, 
     if (cap && !(c->ring = (conc__job *)CONC_MALLOC(cap * sizeof(conc__job)))) return CONC_NOMEM;
     /* statistics and hints read without mu: Helgrind is told not to check them */
     CONC__UNCHECKED(&c->blocked_ns);
-    CONC__UNCHECKED(&c->idle_epoch);
     atomic_init(&c->blocked_ns, 0);
-    atomic_init(&c->idle_epoch, 0);
     if (conc__spin_init(&c->mu) != 0) goto fail_ring;
     conc__mutex_init(&c->join_mu);
     if (!(c->live = conc_wg_new())) goto fail_join;
@@ -3939,7 +3937,6 @@ fail_join:
     conc__spin_destroy(&c->mu);
 fail_ring:
     CONC__CHECKED(&c->blocked_ns);
-    CONC__CHECKED(&c->idle_epoch);
     CONC_FREE(c->ring);
     return CONC_NOMEM;
 }
@@ -3996,7 +3993,6 @@ static void conc__core_destroy(conc__core *c) {
     pthread_mutex_destroy(&c->join_mu);
     conc__spin_destroy(&c->mu);
     CONC__CHECKED(&c->blocked_ns);
-    CONC__CHECKED(&c->idle_epoch);
     CONC_FREE(c->ring);
 }
 
@@ -4027,7 +4023,7 @@ static int conc__core_block(conc__core *c, const conc__job *job, conc_ctx_t *ctx
     c->blocked_n++;
     conc__spin_unlock(&c->mu);
 
-    conc__core_park(&op.s);
+    conc__sel_park(&op.s);
     atomic_fetch_add_explicit(&c->blocked_ns, CONC__STAMP() - op.w.since, CONC__RELAXED);
     if (atomic_load_explicit(&op.s.fired, CONC__RELAXED) == CONC__OWN_CTX) {
         conc__spin_lock(&c->mu);
@@ -4049,24 +4045,7 @@ static int conc__core_submit(conc__core *c, const conc__job *job, conc_ctx_t *ct
     int rc;
 retry:
     conc__spin_lock(&c->mu);
-    rc = conc__core_accept_locked(c, job, &wake, &spawn, block);
-    if (rc == CONC__CORE_WATCH) {
-        /* watch for a worker to come back, for a fraction of what a wake would cost */
-        unsigned epoch = atomic_load_explicit(&c->idle_epoch, CONC__RELAXED);
-        conc__spin_unlock(&c->mu);
-        /* as conc__sel_park spins: pause, then yield (the worker may share our core) */
-        for (int i = 0; i < conc__core_pauses; i++) {
-            if (atomic_load_explicit(&c->idle_epoch, CONC__RELAXED) != epoch) goto again;
-            CONC__PAUSE();
-        }
-        for (int64_t t0 = conc_now(); conc_now() - t0 < CONC_SPIN_NS / 4;) {
-            sched_yield();
-            if (atomic_load_explicit(&c->idle_epoch, CONC__RELAXED) != epoch) goto again;
-        }
-    again:
-        conc__spin_lock(&c->mu);
-        rc = conc__core_accept_locked(c, job, &wake, &spawn, false);
-    }
+    rc = conc__core_accept_locked(c, job, &wake, &spawn);
     if (rc == CONC_WOULD_BLOCK && block) {
         rc = conc__core_block(c, job, ctx);
         if (rc == CONC__CORE_RETRY) goto retry; /* a failed start gave back the slot we waited for */
