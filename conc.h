@@ -1547,7 +1547,8 @@ static struct {
     conc__thread *head, *tail; /* (mu) */
     uint64_t last_id;          /* (mu) ids are 1, 2, ... in start order */
     size_t live;               /* (mu) RUNNING records */
-} conc__threads = {PTHREAD_MUTEX_INITIALIZER, NULL, NULL, 0, 0};
+    size_t to_reap;            /* (mu) ENDED REAP records not yet joined: reaps skip the walk */
+} conc__threads = {PTHREAD_MUTEX_INITIALIZER, NULL, NULL, 0, 0, 0};
 static pthread_once_t conc__threads_once = PTHREAD_ONCE_INIT;
 
 static void conc__threads_unlink(conc__thread *t) { /* threads.mu held */
@@ -1563,12 +1564,13 @@ static void conc__threads_unlink(conc__thread *t) { /* threads.mu held */
 static void conc__threads_reap(void) {
     conc__thread *ended = NULL;
     CONC__LOCK(&conc__threads.mu);
-    {
+    if (conc__threads.to_reap > 0) {
         conc__thread *t = conc__threads.head;
         while (t) {
             conc__thread *next = t->next;
             if ((t->flags & CONC__THREAD_REAP) && t->state == CONC__TH_ENDED && t->has_handle) {
                 conc__threads_unlink(t);
+                conc__threads.to_reap--;
                 t->next = ended;
                 ended = t;
             }
@@ -1594,6 +1596,7 @@ static void *conc__thread_main(void *p) {
     {
         t->state = CONC__TH_ENDED;
         conc__threads.live--;
+        if (t->flags & CONC__THREAD_REAP) conc__threads.to_reap++;
     }
     CONC__UNLOCK(&conc__threads.mu);
     if (wg) conc_wg_done(wg);
@@ -2567,8 +2570,16 @@ static int conc__recv_locked(conc_chan_t *ch, void *elem, conc__waiter **wake) {
     return CONC_WOULD_BLOCK;
 }
 
-/* ch->mu held on entry, released on return. Queues the caller and parks it. */
-static int conc__chan_block(conc_chan_t *ch, bool is_send, void *elem, conc_ctx_t *ctx) {
+/* The blocking step shared by channels and pools (both guard their queues with a
+   conc__spinlock). mu held on entry, released on return. Queues the caller on q with
+   elem, counts it in *blocked (under mu), parks until a peer claims it (the peer sets
+   the status and, for channels, moves the value) or ctx ends. On ctx's claim it unlinks
+   itself if still queued and, under mu, counts that in *canceled and adds the wait to
+   *cancel_wait_ns (either may be NULL; a failed registration counts as canceled too).
+   *waited (may be NULL) gets the whole wait. Returns the sel's status: 0 or the error
+   the claimer set, or the ctx's err. */
+static int conc__block_queued(conc__spinlock *mu, conc__wq *q, void *elem, conc_ctx_t *ctx, uint64_t *blocked,
+                              uint64_t *canceled, int64_t *cancel_wait_ns, int64_t *waited) {
     /* the waiter and the hot words of its sel share one cache line: the peer that
        completes this call touches just that line (and the element) */
     struct {
@@ -2576,13 +2587,14 @@ static int conc__chan_block(conc_chan_t *ch, bool is_send, void *elem, conc_ctx_
         conc__sel s;
     } op;
     conc__waiter cw;
-    conc__wq *q = is_send ? &ch->sendq : &ch->recvq;
     bool reg = conc__ctx_can_end(ctx);
+    if (waited) *waited = 0;
     conc__sel_init(&op.s);
     if (reg) {
         int e = conc__ctx_register(ctx, &cw, &op.s, CONC__OWN_CTX);
         if (e) {
-            conc__spin_unlock(&ch->mu);
+            if (canceled) ++*canceled;
+            conc__spin_unlock(mu);
             conc__sel_fini(&op.s);
             return e;
         }
@@ -2592,23 +2604,33 @@ static int conc__chan_block(conc_chan_t *ch, bool is_send, void *elem, conc_ctx_
     op.w.case_index = 0;
     op.w.since = CONC__STAMP();
     conc__wq_push(q, &op.w);
-    if (is_send) ch->blocked_sends++;
-    else ch->blocked_recvs++;
-    conc__spin_unlock(&ch->mu);
+    ++*blocked;
+    conc__spin_unlock(mu);
 
     conc__sel_park(&op.s);
+    if (waited) *waited = CONC__STAMP() - op.w.since;
     if (atomic_load_explicit(&op.s.fired, CONC__RELAXED) == CONC__OWN_CTX) {
-        conc__spin_lock(&ch->mu);
+        conc__spin_lock(mu);
         {
             if (op.w.queued) conc__wq_remove(q, &op.w);
-            *(is_send ? &ch->send_wait_ns : &ch->recv_wait_ns) += CONC__STAMP() - op.w.since;
+            if (canceled) ++*canceled;
+            if (cancel_wait_ns) *cancel_wait_ns += CONC__STAMP() - op.w.since;
         }
-        conc__spin_unlock(&ch->mu);
+        conc__spin_unlock(mu);
     } else if (reg) {
         conc__ctx_unregister(ctx, &cw);
     }
     conc__sel_fini(&op.s);
     return op.s.status;
+}
+
+/* ch->mu held on entry, released on return. Queues the caller and parks it (the
+   completer adds the wait time of calls it completes; a cancelled one adds its own). */
+static int conc__chan_block(conc_chan_t *ch, bool is_send, void *elem, conc_ctx_t *ctx) {
+    if (is_send)
+        return conc__block_queued(&ch->mu, &ch->sendq, elem, ctx, &ch->blocked_sends, NULL, &ch->send_wait_ns,
+                                  NULL);
+    return conc__block_queued(&ch->mu, &ch->recvq, elem, ctx, &ch->blocked_recvs, NULL, &ch->recv_wait_ns, NULL);
 }
 
 static int conc__chan_send(conc_chan_t *ch, const void *elem, conc_ctx_t *ctx, bool block) {
@@ -3998,45 +4020,11 @@ static void conc__core_destroy(conc__core *c) {
 
 /* Blocks the caller as a submitter (mu held on entry, released on return). */
 static int conc__core_block(conc__core *c, const conc__job *job, conc_ctx_t *ctx) {
-    struct {
-        _Alignas(64) conc__waiter w;
-        conc__sel s;
-    } op;
-    conc__waiter cw;
-    conc__job mine = *job; /* op.w.elem: the granting worker copies it under mu */
-    bool reg = conc__ctx_can_end(ctx);
-    conc__sel_init(&op.s);
-    if (reg) {
-        int e = conc__ctx_register(ctx, &cw, &op.s, CONC__OWN_CTX);
-        if (e) {
-            c->canceled++;
-            conc__spin_unlock(&c->mu);
-            conc__sel_fini(&op.s);
-            return e;
-        }
-    }
-    op.w.sel = &op.s;
-    op.w.elem = &mine;
-    op.w.case_index = 0;
-    op.w.since = CONC__STAMP();
-    conc__wq_push(&c->blocked, &op.w);
-    c->blocked_n++;
-    conc__spin_unlock(&c->mu);
-
-    conc__sel_park(&op.s);
-    atomic_fetch_add_explicit(&c->blocked_ns, CONC__STAMP() - op.w.since, CONC__RELAXED);
-    if (atomic_load_explicit(&op.s.fired, CONC__RELAXED) == CONC__OWN_CTX) {
-        conc__spin_lock(&c->mu);
-        {
-            if (op.w.queued) conc__wq_remove(&c->blocked, &op.w);
-            c->canceled++;
-        }
-        conc__spin_unlock(&c->mu);
-    } else if (reg) {
-        conc__ctx_unregister(ctx, &cw);
-    }
-    conc__sel_fini(&op.s);
-    return op.s.status;
+    conc__job mine = *job; /* the waiter's elem: the granting worker copies it under mu */
+    int64_t waited;
+    int rc = conc__block_queued(&c->mu, &c->blocked, &mine, ctx, &c->blocked_n, &c->canceled, NULL, &waited);
+    atomic_fetch_add_explicit(&c->blocked_ns, waited, CONC__RELAXED);
+    return rc;
 }
 
 static int conc__core_submit(conc__core *c, const conc__job *job, conc_ctx_t *ctx, bool block) {
