@@ -26,18 +26,24 @@
 
 /* ---- unbuf_pingpong ------------------------------------------------------------------ */
 
+/* Argument blocks start on their own cache line, and threads copy what they read into
+   locals before their loop and write results back after it: a field read in the loop
+   from a line that another thread writes (a neighbour on the creator's stack, a sibling's
+   counter) would cost a cache miss per operation - on this machine ~200 ns, more than the
+   operation measured - and it would depend on the stack's random alignment. */
 typedef struct {
-    conc_chan_t *ping, *pong;
+    _Alignas(64) conc_chan_t *ping, *pong;
     int bad; /* a status other than 0 / CONC_CLOSED */
 } pingpong_arg;
 
 static void *pingpong_echo(void *p) {
     pingpong_arg *a = p;
+    conc_chan_t *ping = a->ping, *pong = a->pong;
     int64_t v;
     for (;;) {
-        int rc = conc_chan_recv(a->ping, &v, NULL);
+        int rc = conc_chan_recv(ping, &v, NULL);
         if (rc == CONC_CLOSED) break;
-        if (rc != 0 || conc_chan_send(a->pong, &v, NULL) != 0) {
+        if (rc != 0 || conc_chan_send(pong, &v, NULL) != 0) {
             a->bad = 1;
             break;
         }
@@ -74,7 +80,7 @@ static int case_unbuf_pingpong(int64_t n, bench_out *out) {
 /* ---- spsc_cap* ------------------------------------------------------------------------- */
 
 typedef struct {
-    conc_chan_t *ch;
+    _Alignas(64) conc_chan_t *ch;
     int64_t count, sum;
     int last_rc;
 } consumer_arg;
@@ -82,9 +88,10 @@ typedef struct {
 /* Receives until the channel is closed and drained. */
 static void *drain(void *p) {
     consumer_arg *a = p;
+    conc_chan_t *ch = a->ch;
     int64_t v, k = 0, s = 0;
     int rc;
-    while ((rc = conc_chan_recv(a->ch, &v, NULL)) == 0) {
+    while ((rc = conc_chan_recv(ch, &v, NULL)) == 0) {
         k++;
         s += v;
     }
@@ -123,15 +130,19 @@ static int case_spsc_cap1024(int64_t n, bench_out *out) { return spsc(n, 1024, o
 /* ---- mpmc_4x4_cap64 -------------------------------------------------------------------- */
 
 typedef struct {
-    conc_chan_t *ch;
+    _Alignas(64) conc_chan_t *ch;
     int64_t items; /* values 0..items-1 */
     int bad;
 } producer_arg;
 
 static void *produce(void *p) {
     producer_arg *a = p;
-    for (int64_t j = 0; j < a->items; j++)
-        if (conc_chan_send(a->ch, &j, NULL) != 0) a->bad++;
+    conc_chan_t *ch = a->ch;
+    int64_t items = a->items;
+    int bad = 0;
+    for (int64_t j = 0; j < items; j++)
+        if (conc_chan_send(ch, &j, NULL) != 0) bad++;
+    a->bad = bad;
     return NULL;
 }
 
@@ -234,7 +245,7 @@ static int case_select2_unbuf(int64_t n, bench_out *out) { return select2(n, 0, 
 enum { BP_PRODUCERS = 2 };
 
 typedef struct {
-    conc_chan_t *ch;
+    _Alignas(64) conc_chan_t *ch;
     int64_t items;
     int64_t sends, blocked, blocked_ns;
     int bad;
@@ -242,25 +253,33 @@ typedef struct {
 
 static void *bp_produce(void *p) {
     bp_producer *a = p;
-    for (int64_t j = 0; j < a->items; j++) {
-        int rc = conc_chan_try_send(a->ch, &j);
+    conc_chan_t *ch = a->ch;
+    int64_t items = a->items, sends = 0, blocked = 0, blocked_ns = 0;
+    int bad = 0;
+    for (int64_t j = 0; j < items; j++) {
+        int rc = conc_chan_try_send(ch, &j);
         if (rc == CONC_WOULD_BLOCK) {
-            a->blocked++;
+            blocked++;
             int64_t tb = bench_now();
-            rc = conc_chan_send(a->ch, &j, NULL);
-            a->blocked_ns += bench_now() - tb;
+            rc = conc_chan_send(ch, &j, NULL);
+            blocked_ns += bench_now() - tb;
         }
-        if (rc != 0) a->bad++;
-        a->sends++;
+        if (rc != 0) bad++;
+        sends++;
     }
+    a->sends = sends;
+    a->blocked = blocked;
+    a->blocked_ns = blocked_ns;
+    a->bad = bad;
     return NULL;
 }
 
 static void *bp_consume(void *p) {
     consumer_arg *a = p;
+    conc_chan_t *ch = a->ch;
     int64_t v, k = 0, s = 0;
     int rc;
-    while ((rc = conc_chan_recv(a->ch, &v, NULL)) == 0) {
+    while ((rc = conc_chan_recv(ch, &v, NULL)) == 0) {
         bench_busy_ns(1000);
         k++;
         s += v;

@@ -62,9 +62,11 @@ static void *wg2_thread(void *p) {
     atomic_fetch_add(&a->ready, 1);
     while (!atomic_load_explicit(&a->go, memory_order_acquire)) {
     }
-    for (int64_t i = 0; i < a->n; i++) {
-        bad |= conc_wg_add(a->wg, 1);
-        bad |= conc_wg_done(a->wg);
+    conc_wg_t *wg = a->wg; /* locals: no shared line read in the loop */
+    int64_t n = a->n;
+    for (int64_t i = 0; i < n; i++) {
+        bad |= conc_wg_add(wg, 1);
+        bad |= conc_wg_done(wg);
     }
     if (bad) atomic_store(&a->bad, 1);
     return NULL;
@@ -210,7 +212,9 @@ static void *lim2_thread(void *p) {
     atomic_fetch_add(&a->ready, 1);
     while (!atomic_load_explicit(&a->go, memory_order_acquire)) {
     }
-    for (int64_t i = 0; i < a->n; i++) ok += conc_limiter_allow(a->l, 1);
+    conc_limiter_t *l = a->l; /* locals: no shared line read in the loop */
+    int64_t n = a->n;
+    for (int64_t i = 0; i < n; i++) ok += conc_limiter_allow(l, 1);
     atomic_fetch_add(&a->ok, ok);
     return NULL;
 }
