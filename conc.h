@@ -1187,6 +1187,7 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_siz
 #define CONC__ACQUIRE memory_order_acquire
 #define CONC__RELEASE memory_order_release
 #define CONC__ACQ_REL memory_order_acq_rel
+#define CONC__SEQ_CST memory_order_seq_cst
 
 /* ======================================================================== */
 /* >>internal: status strings, clock, random numbers, locks                 */
@@ -2402,57 +2403,125 @@ CONC_API bool conc_after_func_stop(conc_after_func_t *af) {
 /* ======================================================================== */
 /* >>chan: channels                                                         */
 /* ======================================================================== */
-/* One mutex per channel guards everything but the immutable sizes and the two atomic
-   wait-time sums.
+/* A buffered channel's values live in a ring of slots that senders and receivers use
+   without the channel lock while nobody waits (the fast path); the lock guards the wait
+   queues, close, and every step that involves a waiter (the slow path). An unbuffered
+   channel has no ring: every operation takes the lock, and a value goes straight from a
+   sender to a receiver, as in Go.
 
-   Invariants (Go's runtime/chan.go, for the same reasons):
-   - At least one of sendq and recvq holds no live waiter: a receiver queues only when the
-     buffer is empty and no sender waits; a sender only when the buffer is full (cap 0:
-     always full) and no receiver waits. Stale waiters (claimed elsewhere) may linger on
-     either queue until someone pops them or their owner unlinks them.
-   - count > 0 implies recvq holds no live waiter; count < cap implies sendq holds none.
-   - A value moves once: from the sender's memory into the buffer or straight into a
-     waiting receiver's memory, under the lock, by whoever claimed the waiter.
+   The ring (cap > 0). Positions count up from 0 and never wrap (2^62 operations); the slot
+   of position p is p % cap. `tail` and `head` hold the next position to fill and to empty,
+   shifted left by one; their bit 0 (CONC__RSLOW) shuts that side's fast path. A slot's word
+   is its state shifted left by one, bit 0 being its mark (CONC__RMARK); the state is
+   2p ("free, for position p") or 2p+1 ("holds the value of position p"). A sender claims
+   position p by moving `tail` from p to p+1 (CAS) when slot p reads free-for-p, copies its
+   value in and publishes with an exchange to holds-p; a receiver claims p by moving `head`
+   when slot p reads holds-p, copies out and releases with an exchange to free-for-p+cap.
+   Each side owns its own cache line; the slots carry the value from one to the other
+   (Vyukov's bounded MPMC queue, with the two states per position that make cap 1 work).
+
+   Invariants:
+   - (Q) sendq non-empty => the RSLOW bit of `tail` is set; recvq non-empty => that of
+     `head`. closed => tail's bit is set for ever. A bit may be set with an empty queue
+     only while the lock is held (a select freezing the channel, see >>select), or until
+     the next slow-path operation clears it. While a side's bit is set, only lock holders
+     move that side's position, so under the lock it stands still.
+   - (M) Outside the lock, if recvq holds a waiter then slot `head` is marked or a thread
+     has taken a mark off it and is on its way to the lock (it will run conc__ring_settle);
+     likewise for sendq and slot `tail`. A slot changes state only by the exchange of a
+     publish or a release, and that exchange returns the mark it removed: so a value cannot
+     appear at `head` while receivers wait, nor room at `tail` while senders wait, without
+     the thread that made it taking the lock afterwards. The mark and the exchange are
+     read-modify-writes of one word, so they are totally ordered: no fence, no lost wake-up.
+   - (S) conc__ring_settle, under the lock, gives values at `head` to queued receivers and
+     room at `tail` to queued senders' values, in queue order, until neither is possible;
+     then clears the bit of an empty queue, or marks the slot of a non-empty one (if the
+     slot turned ready meanwhile, it goes round again). Every slow-path step that changes a
+     queue, and every thread that took a mark off a slot, ends with it.
+   - FIFO: a newcomer never overtakes a waiter: with senders queued the fast path is shut
+     (Q), and a lock holder settles first and then finds either the queue empty or no room.
+     Values leave in position order, so per sender FIFO holds.
+   - A value moves once: a position is claimed by exactly one CAS on `tail` (one sender)
+     and one on `head` (one receiver). A send that claimed a position returns 0 and its
+     value will be received; one that did not claim returns an error and wrote nothing.
+     For a queued waiter the claim word (sel.fired) decides, as on the unbuffered path.
+   - close (under the lock): sets closed and tail's bit, then waits (pause, sched_yield)
+     until every claimed position has been published - a claimed send is a few
+     instructions from publishing and never takes the lock - so that from then on an empty
+     ring under the lock means drained for ever. It completes queued senders with
+     CONC_CLOSED, settles (queued receivers get what is buffered), and completes the
+     receivers left with CONC_CLOSED.
+   - Statistics: sends and recvs are tail and head; high_water is raised by senders (CAS)
+     from a cached view of head refreshed only when it could matter; everything else is
+     written under the lock.
+   - Under Valgrind (CONC_VALGRIND) every operation takes the lock, so the ring is only
+     ever touched under it and Helgrind checks the lock discipline; ThreadSanitizer checks
+     the fast path.
+
+   Unbuffered channels (Go's runtime/chan.go, for the same reasons):
+   - At least one of sendq and recvq holds no live waiter. Stale waiters (claimed
+     elsewhere) may linger on either queue until someone pops them or their owner unlinks
+     them.
+   - A value moves once: from the sender's memory straight into a waiting receiver's
+     memory, under the lock, by whoever claimed the waiter.
    - Once closed, nothing queues; close completed every waiter with CONC_CLOSED.
    Lock order: timers.mu -> channels (by address, when a select holds several) -> ctx.mu. */
 
-/* Fields are grouped by who writes them, one cache line per group. Everything an
-   operation must read before it knows what to do - the lock, the ring indices, closed,
-   both wait queues - shares the first line, so a hand-off misses on it once; a buffered
-   send then writes only the senders' line besides, a buffered receive the receivers'. */
+#define CONC__RSLOW ((size_t)1)
+#define CONC__RMARK ((size_t)1)
+#define CONC__RFREE(p) ((size_t)(p) << 2)          /* slot word: free for position p */
+#define CONC__RFULL(p) (((size_t)(p) << 2) | 2u)   /* slot word: holds position p */
+
+/* Fields are grouped by who writes them, one cache line per group: the lock and all it
+   guards (written by the slow path only), the senders' position, the receivers' position,
+   and the immutable sizes, shared in every cache. */
 struct conc_chan {
-    _Alignas(64) conc__spinlock mu;         /* the hot line: every operation */
+    _Alignas(64) conc__spinlock mu;         /* the slow path's line */
     bool closed;                            /* (mu) */
-    size_t head;                            /* (mu) ring buffer */
-    _Atomic size_t count;                   /* written under mu; read without it to poll */
+    bool frozen;                            /* (mu) a select holds the ring's bits set */
     conc__wq sendq, recvq;                  /* (mu) blocked senders / receivers, FIFO */
-    _Alignas(64) uint64_t sends;            /* the senders' line, all (mu) */
-    uint64_t blocked_sends;
-    int64_t send_wait_ns;                   /* added by whoever completes or unlinks a waiter */
-    size_t high_water;
-    _Alignas(64) uint64_t recvs;            /* the receivers' line, all (mu) */
-    uint64_t blocked_recvs;
-    int64_t recv_wait_ns;
+    uint64_t sends, recvs;                  /* (mu) unbuffered only; the ring counts itself */
+    uint64_t blocked_sends, blocked_recvs;  /* (mu) */
+    int64_t send_wait_ns, recv_wait_ns;     /* (mu) added by whoever completes or unlinks a waiter */
+    _Alignas(64) _Atomic size_t tail;       /* the senders' line: next position to fill << 1 | RSLOW */
+    _Atomic size_t high_water;              /* raised by senders (CAS) */
+    _Atomic size_t head_seen;               /* a past value of head's position (high_water) */
+    _Alignas(64) _Atomic size_t head;       /* the receivers' line: next position to empty << 1 | RSLOW */
     _Alignas(64) size_t elem_size, cap;     /* immutable: read by all, shared in every cache */
-    unsigned char *buf;                     /* slots (mu), right after this struct */
+    size_t stride, mask;                    /* slot size; cap - 1 if cap is a power of two, else 0 */
+    unsigned char *buf;                     /* cap slots, right after this struct */
     void *alloc;                            /* what CONC_MALLOC returned */
 };
 
+typedef struct conc__rslot {
+    _Atomic size_t word; /* state << 1 | mark; the element follows */
+} conc__rslot;
+
 CONC_API conc_chan_t *conc_chan_new(size_t elem_size, size_t cap) {
-    if (cap && elem_size > (SIZE_MAX - sizeof(conc_chan_t) - 64) / cap) return NULL;
-    /* one block: the struct on a cache-line boundary, then the buffer */
-    void *alloc = CONC_MALLOC(sizeof(conc_chan_t) + 63 + cap * elem_size);
+    size_t stride = sizeof(conc__rslot) + (elem_size + sizeof(size_t) - 1) / sizeof(size_t) * sizeof(size_t);
+    if (elem_size > SIZE_MAX / 2 || (cap && stride > (SIZE_MAX - sizeof(conc_chan_t) - 64) / cap)) return NULL;
+    /* one block: the struct on a cache-line boundary, then the slots */
+    void *alloc = CONC_MALLOC(sizeof(conc_chan_t) + 63 + cap * stride);
     if (!alloc) return NULL;
     conc_chan_t *ch = (conc_chan_t *)(void *)(((uintptr_t)alloc + 63) & ~(uintptr_t)63);
     memset(ch, 0, sizeof *ch);
     ch->alloc = alloc;
-    if (cap && elem_size) ch->buf = (unsigned char *)(ch + 1);
     if (conc__spin_init(&ch->mu) != 0) {
         CONC_FREE(alloc);
         return NULL;
     }
     ch->elem_size = elem_size;
     ch->cap = cap;
+    ch->stride = stride;
+    ch->mask = (cap & (cap - 1)) == 0 && cap ? cap - 1 : 0;
+    atomic_init(&ch->tail, 0);
+    atomic_init(&ch->head, 0);
+    atomic_init(&ch->high_water, 0);
+    atomic_init(&ch->head_seen, 0);
+    if (cap) {
+        ch->buf = (unsigned char *)(ch + 1);
+        for (size_t i = 0; i < cap; i++) atomic_init(&((conc__rslot *)(void *)(ch->buf + i * stride))->word, CONC__RFREE(i));
+    }
     return ch;
 }
 
@@ -2475,44 +2544,225 @@ CONC_API int conc_chan_free(conc_chan_t *ch) {
 #define CONC__STAMP() conc_now()
 #endif
 
-static size_t conc__count(conc_chan_t *ch) { return atomic_load_explicit(&ch->count, CONC__RELAXED); }
-static void conc__count_set(conc_chan_t *ch, size_t n) { atomic_store_explicit(&ch->count, n, CONC__RELAXED); }
-
-/* Before a buffered send queues itself on a full buffer (or a receive on an empty one), it
-   watches the count without the lock for the pause phase: a peer streaming on the other
-   side usually makes room within a few hundred ns, and taking it then costs a lock
-   instead of a waiter hand-off and a wake. No queued waiter is overtaken: a receive that
-   frees a slot moves the first queued sender's value into it before unlocking, so the
-   count a watcher sees changes only when nobody is queued. */
-static bool conc__chan_may_watch(const conc_chan_t *ch) {
-    /* with one slot, the hand-off (a receive refills the slot from the queued sender in
-       the same critical section) beats watching */
-    return CONC_SPIN_NS > 0 && ch->cap > 1 && !CONC__ON_VALGRIND() && conc__ncpu() > 1;
-}
-
-static void conc__chan_watch(conc_chan_t *ch, bool for_room) {
-    /* polls with growing gaps: each poll pulls the hot line away from the peer */
-    for (int spent = 0, gap = 1; spent < CONC__SPIN_PAUSES; spent += gap, gap = gap < 16 ? gap * 2 : gap) {
-        size_t n = conc__count(ch);
-        if (for_room ? n < ch->cap : n > 0) return;
-        for (int k = 0; k < gap; k++) CONC__PAUSE();
-    }
-}
-
 static void conc__copy(void *dst, const void *src, size_t n) {
     if (n && dst) memcpy(dst, src, n);
 }
 
-static unsigned char *conc__slot(conc_chan_t *ch, size_t i) {
-    size_t k = ch->head + i;
-    if (k >= ch->cap) k -= ch->cap;
-    return ch->buf + k * ch->elem_size;
+/* Pushes w on the list to wake after unlocking (linked through `next`: it is off every queue). */
+static void conc__wake_push(conc__waiter **wake, conc__waiter *w) {
+    w->next = *wake;
+    *wake = w;
 }
 
+/* ---- the ring ---- */
+
+static conc__rslot *conc__rslot_at(const conc_chan_t *ch, size_t pos) {
+    size_t i = ch->mask ? pos & ch->mask : pos % ch->cap;
+    return (conc__rslot *)(void *)(ch->buf + i * ch->stride);
+}
+static size_t conc__rslot_state(conc__rslot *s) { return atomic_load_explicit(&s->word, CONC__ACQUIRE) & ~CONC__RMARK; }
+
+enum { CONC__R_OK, CONC__R_OK_MARKED, CONC__R_NONE, CONC__R_SLOW };
+
+/* Waiting for another thread's claimed position to be published or released: it is a
+   copy away, unless that thread was preempted - then yield to it. */
+static void conc__ring_backoff(unsigned *spins) {
+    if (*spins < 64) CONC__PAUSE();
+    else sched_yield();
+    ++*spins;
+}
+
+/* A send that has claimed position pos raises the high-water mark. head_seen only lags
+   head, so end - head_seen bounds the count from above: head is read (a miss on the
+   receivers' line) only when that bound exceeds the mark. */
+static void conc__ring_note_len(conc_chan_t *ch, size_t end) {
+    size_t hw = atomic_load_explicit(&ch->high_water, CONC__RELAXED);
+    if (hw >= ch->cap || end - atomic_load_explicit(&ch->head_seen, CONC__RELAXED) <= hw) return;
+    size_t h = atomic_load_explicit(&ch->head, CONC__RELAXED) >> 1;
+    atomic_store_explicit(&ch->head_seen, h, CONC__RELAXED);
+    if (h >= end) return;
+    size_t n = end - h; /* <= cap: position end - 1 was free, so end - 1 - cap was taken */
+    while (n > hw && !atomic_compare_exchange_weak_explicit(&ch->high_water, &hw, n, CONC__RELAXED, CONC__RELAXED)) {
+    }
+}
+
+/* Fills the next position with *elem. owner: the caller holds the lock and may ignore
+   tail's RSLOW bit. Returns CONC__R_OK, CONC__R_OK_MARKED (sent, and the slot was marked:
+   the caller must settle the channel), CONC__R_NONE (no room), CONC__R_SLOW. */
+static int conc__ring_push(conc_chan_t *ch, const void *elem, bool owner) {
+    size_t t = atomic_load_explicit(&ch->tail, CONC__RELAXED);
+    unsigned spins = 0;
+    for (;;) {
+        if ((t & CONC__RSLOW) && !owner) return CONC__R_SLOW;
+        size_t pos = t >> 1;
+        conc__rslot *s = conc__rslot_at(ch, pos);
+        size_t st = conc__rslot_state(s);
+        if (st == CONC__RFREE(pos)) {
+            if (atomic_compare_exchange_weak_explicit(&ch->tail, &t, t + 2, CONC__RELAXED, CONC__RELAXED)) {
+                conc__copy(s + 1, elem, ch->elem_size);
+                size_t old = atomic_exchange_explicit(&s->word, CONC__RFULL(pos), CONC__ACQ_REL);
+                conc__ring_note_len(ch, pos + 1);
+                return (old & CONC__RMARK) ? CONC__R_OK_MARKED : CONC__R_OK;
+            }
+            continue;
+        }
+        if ((ptrdiff_t)(st - CONC__RFREE(pos)) < 0) {
+            /* the slot holds position pos - cap (or a send of it is copying): full, unless
+               a receive has claimed that position and is copying it out - then wait */
+            size_t h = atomic_load_explicit(&ch->head, CONC__SEQ_CST) >> 1;
+            if (h + ch->cap <= pos) return CONC__R_NONE;
+            conc__ring_backoff(&spins);
+        }
+        t = atomic_load_explicit(&ch->tail, CONC__RELAXED); /* or another sender got there first */
+    }
+}
+
+/* Empties the next position into elem (NULL: discard). As conc__ring_push. */
+static int conc__ring_pop(conc_chan_t *ch, void *elem, bool owner) {
+    size_t h = atomic_load_explicit(&ch->head, CONC__RELAXED);
+    unsigned spins = 0;
+    for (;;) {
+        if ((h & CONC__RSLOW) && !owner) return CONC__R_SLOW;
+        size_t pos = h >> 1;
+        conc__rslot *s = conc__rslot_at(ch, pos);
+        size_t st = conc__rslot_state(s);
+        if (st == CONC__RFULL(pos)) {
+            if (atomic_compare_exchange_weak_explicit(&ch->head, &h, h + 2, CONC__RELAXED, CONC__RELAXED)) {
+                conc__copy(elem, s + 1, ch->elem_size);
+                size_t old = atomic_exchange_explicit(&s->word, CONC__RFREE(pos + ch->cap), CONC__ACQ_REL);
+                return (old & CONC__RMARK) ? CONC__R_OK_MARKED : CONC__R_OK;
+            }
+            continue;
+        }
+        if ((ptrdiff_t)(st - CONC__RFULL(pos)) < 0) {
+            /* free for pos, or pos - cap still being emptied: empty, unless a send has
+               claimed pos and is copying its value in - then wait */
+            size_t t = atomic_load_explicit(&ch->tail, CONC__SEQ_CST) >> 1;
+            if (t <= pos) return CONC__R_NONE;
+            conc__ring_backoff(&spins);
+        }
+        h = atomic_load_explicit(&ch->head, CONC__RELAXED);
+    }
+}
+
+/* ch->mu held, the side's RSLOW bit set. Marks the slot of position pos unless it is
+   already in state `ready`; returns whether it is (invariant M). */
+static bool conc__ring_mark(conc_chan_t *ch, size_t pos, size_t ready) {
+    conc__rslot *s = conc__rslot_at(ch, pos);
+    size_t w = atomic_load_explicit(&s->word, CONC__ACQUIRE);
+    for (;;) {
+        if ((w & ~CONC__RMARK) == ready) return true;
+        if (w & CONC__RMARK) return false;
+        if (atomic_compare_exchange_weak_explicit(&s->word, &w, w | CONC__RMARK, CONC__ACQ_REL, CONC__ACQUIRE)) return false;
+    }
+}
+
+static void conc__ring_set_slow(_Atomic size_t *side) {
+    if (!(atomic_load_explicit(side, CONC__RELAXED) & CONC__RSLOW)) atomic_fetch_or_explicit(side, CONC__RSLOW, CONC__ACQ_REL);
+}
+static void conc__ring_clear_slow(_Atomic size_t *side) {
+    if (atomic_load_explicit(side, CONC__RELAXED) & CONC__RSLOW) atomic_fetch_and_explicit(side, ~CONC__RSLOW, CONC__RELEASE);
+}
+
+/* ch->mu held. Invariant S: moves values between the ring and queued waiters until
+   neither queue can proceed, then restores Q and M. Claimed waiters go on *wake. */
+static void conc__ring_settle(conc_chan_t *ch, conc__waiter **wake) {
+    for (;;) {
+        conc__waiter *w;
+        size_t pos;
+        while (ch->recvq.head) {
+            CONC_ASSERT(atomic_load_explicit(&ch->head, CONC__RELAXED) & CONC__RSLOW);
+            pos = atomic_load_explicit(&ch->head, CONC__RELAXED) >> 1;
+            if (conc__rslot_state(conc__rslot_at(ch, pos)) != CONC__RFULL(pos)) break;
+            if ((w = conc__wq_claim(&ch->recvq)) == NULL) break;
+            int r = conc__ring_pop(ch, w->elem, true);
+            CONC_ASSERT(r == CONC__R_OK || r == CONC__R_OK_MARKED);
+            (void)r; /* a mark taken here is ours: the senders' loop below runs anyway */
+            w->sel->status = 0;
+            ch->recv_wait_ns += CONC__STAMP() - w->since;
+            conc__wake_push(wake, w);
+        }
+        while (ch->sendq.head) {
+            CONC_ASSERT(atomic_load_explicit(&ch->tail, CONC__RELAXED) & CONC__RSLOW);
+            pos = atomic_load_explicit(&ch->tail, CONC__RELAXED) >> 1;
+            if (conc__rslot_state(conc__rslot_at(ch, pos)) != CONC__RFREE(pos)) break;
+            if ((w = conc__wq_claim(&ch->sendq)) == NULL) break;
+            int r = conc__ring_push(ch, w->elem, true);
+            CONC_ASSERT(r == CONC__R_OK || r == CONC__R_OK_MARKED);
+            (void)r;
+            w->sel->status = 0;
+            ch->send_wait_ns += CONC__STAMP() - w->since;
+            conc__wake_push(wake, w);
+        }
+        if (ch->recvq.head) {
+            pos = atomic_load_explicit(&ch->head, CONC__RELAXED) >> 1;
+            if (conc__ring_mark(ch, pos, CONC__RFULL(pos))) continue; /* a value came meanwhile */
+        } else if (!ch->frozen) {
+            conc__ring_clear_slow(&ch->head);
+        }
+        if (ch->sendq.head) {
+            pos = atomic_load_explicit(&ch->tail, CONC__RELAXED) >> 1;
+            if (conc__ring_mark(ch, pos, CONC__RFREE(pos))) continue; /* room came meanwhile */
+        } else if (!ch->frozen && !ch->closed) {
+            conc__ring_clear_slow(&ch->tail);
+        }
+        return;
+    }
+}
+
+/* ch->mu held: a waiter joins a ring channel's queue (settle afterwards). */
+static void conc__ring_enqueue(conc_chan_t *ch, bool is_send, conc__waiter *w) {
+    conc__wq_push(is_send ? &ch->sendq : &ch->recvq, w);
+    conc__ring_set_slow(is_send ? &ch->tail : &ch->head);
+}
+
+/* Settles after a fast-path operation took a mark off a slot (invariant M). */
+static void conc__ring_settle_unlocked(conc_chan_t *ch) {
+    conc__waiter *wake = NULL;
+    conc__spin_lock(&ch->mu);
+    conc__ring_settle(ch, &wake);
+    conc__spin_unlock(&ch->mu);
+    conc__wake_list(wake);
+}
+
+/* The fast path: is it open to this caller? Under Valgrind every operation locks. */
+static bool conc__ring_fast(const conc_chan_t *ch) { return ch->cap > 0 && !CONC__ON_VALGRIND(); }
+
+/* Before a buffered send queues itself on a full buffer (or a receive on an empty one), it
+   watches the slot it wants without the lock for the pause phase: a peer streaming on the
+   other side usually makes room within a few hundred ns, and taking it then costs a
+   fast-path operation instead of a waiter hand-off and a wake. It stops as soon as the
+   side's fast path is shut (someone queued): the newcomer then queues behind. */
+static bool conc__chan_may_watch(const conc_chan_t *ch) {
+    /* with one slot, the hand-off beats watching */
+    return CONC_SPIN_NS > 0 && ch->cap > 1 && !CONC__ON_VALGRIND() && conc__ncpu() > 1;
+}
+
+static void conc__chan_watch(conc_chan_t *ch, bool for_room) {
+    /* polls with growing gaps: each poll pulls the slot's line away from the peer */
+    for (int spent = 0, gap = 1; spent < CONC__SPIN_PAUSES; spent += gap, gap = gap < 16 ? gap * 2 : gap) {
+        size_t x = atomic_load_explicit(for_room ? &ch->tail : &ch->head, CONC__RELAXED);
+        if (x & CONC__RSLOW) return;
+        size_t pos = x >> 1, st = conc__rslot_state(conc__rslot_at(ch, pos));
+        if (st == (for_room ? CONC__RFREE(pos) : CONC__RFULL(pos))) return;
+        for (int k = 0; k < gap; k++) CONC__PAUSE();
+    }
+}
+
+/* ---- operations under the lock ---- */
+
 /* ch->mu held. A send that can complete now does; returns CONC_WOULD_BLOCK otherwise.
-   *wake: a waiter this claimed and must wake after unlocking. */
+   *wake: waiters this claimed, to wake after unlocking. */
 static int conc__send_locked(conc_chan_t *ch, const void *elem, conc__waiter **wake) {
     if (ch->closed) return CONC_CLOSED;
+    if (ch->cap > 0) {
+        conc__ring_settle(ch, wake);
+        if (ch->sendq.head) return CONC_WOULD_BLOCK; /* senders wait for room before us */
+        int r = conc__ring_push(ch, elem, true);
+        if (r == CONC__R_NONE) return CONC_WOULD_BLOCK;
+        if (r == CONC__R_OK_MARKED || ch->recvq.head) conc__ring_settle(ch, wake);
+        return 0;
+    }
     conc__waiter *r = conc__wq_claim(&ch->recvq);
     if (r) {
         conc__copy(r->elem, elem, ch->elem_size);
@@ -2520,15 +2770,7 @@ static int conc__send_locked(conc_chan_t *ch, const void *elem, conc__waiter **w
         ch->sends++;
         ch->recvs++;
         ch->recv_wait_ns += CONC__STAMP() - r->since;
-        *wake = r;
-        return 0;
-    }
-    size_t n = conc__count(ch);
-    if (n < ch->cap) {
-        conc__copy(conc__slot(ch, n), elem, ch->elem_size);
-        conc__count_set(ch, ++n);
-        if (n > ch->high_water) ch->high_water = n;
-        ch->sends++;
+        conc__wake_push(wake, r);
         return 0;
     }
     return CONC_WOULD_BLOCK;
@@ -2536,34 +2778,28 @@ static int conc__send_locked(conc_chan_t *ch, const void *elem, conc__waiter **w
 
 /* ch->mu held. As conc__send_locked, for a receive. */
 static int conc__recv_locked(conc_chan_t *ch, void *elem, conc__waiter **wake) {
-    size_t n = conc__count(ch);
-    if (n > 0) {
-        conc__copy(elem, conc__slot(ch, 0), ch->elem_size);
-        if (++ch->head == ch->cap) ch->head = 0;
-        conc__count_set(ch, --n);
-        ch->recvs++;
-        conc__waiter *s = conc__wq_claim(&ch->sendq); /* its value takes the freed slot */
-        if (s) {
-            conc__copy(conc__slot(ch, n), s->elem, ch->elem_size);
-            conc__count_set(ch, n + 1);
-            ch->sends++;
-            ch->send_wait_ns += CONC__STAMP() - s->since;
-            s->sel->status = 0;
-            *wake = s;
+    if (ch->cap > 0) {
+        conc__ring_settle(ch, wake);
+        if (!ch->recvq.head) { /* else receivers wait for values before us */
+            int r = conc__ring_pop(ch, elem, true);
+            if (r != CONC__R_NONE) {
+                if (r == CONC__R_OK_MARKED || ch->sendq.head) conc__ring_settle(ch, wake);
+                return 0;
+            }
         }
-        return 0;
+    } else {
+        conc__waiter *s = conc__wq_claim(&ch->sendq);
+        if (s) {
+            conc__copy(elem, s->elem, ch->elem_size);
+            s->sel->status = 0;
+            ch->sends++;
+            ch->recvs++;
+            ch->send_wait_ns += CONC__STAMP() - s->since;
+            conc__wake_push(wake, s);
+            return 0;
+        }
     }
-    conc__waiter *s = conc__wq_claim(&ch->sendq);
-    if (s) {
-        conc__copy(elem, s->elem, ch->elem_size);
-        s->sel->status = 0;
-        ch->sends++;
-        ch->recvs++;
-        ch->send_wait_ns += CONC__STAMP() - s->since;
-        *wake = s;
-        return 0;
-    }
-    if (ch->closed) {
+    if (ch->closed) { /* and drained: close waited for every claimed send to publish */
         if (elem && ch->elem_size) memset(elem, 0, ch->elem_size);
         return CONC_CLOSED;
     }
@@ -2577,9 +2813,14 @@ static int conc__recv_locked(conc_chan_t *ch, void *elem, conc__waiter **wake) {
    itself if still queued and, under mu, counts that in *canceled and adds the wait to
    *cancel_wait_ns (either may be NULL; a failed registration counts as canceled too).
    *waited (may be NULL) gets the whole wait. Returns the sel's status: 0 or the error
-   the claimer set, or the ctx's err. */
-static int conc__block_queued(conc__spinlock *mu, conc__wq *q, void *elem, conc_ctx_t *ctx, uint64_t *blocked,
-                              uint64_t *canceled, int64_t *cancel_wait_ns, int64_t *waited) {
+   the claimer set, or the ctx's err.
+   ring: the buffered channel whose queue q is (NULL for pools and unbuffered channels):
+   joining or leaving its queue changes the ring's RSLOW bits and marks, so it settles
+   (invariants Q, M, S). wake: waiters the caller's own attempt claimed under mu, woken
+   once mu is released (with whatever the settles claim). */
+static int conc__block_queued(conc__spinlock *mu, conc__wq *q, void *elem, conc_ctx_t *ctx, conc_chan_t *ring,
+                              conc__waiter *wake, uint64_t *blocked, uint64_t *canceled, int64_t *cancel_wait_ns,
+                              int64_t *waited) {
     /* the waiter and the hot words of its sel share one cache line: the peer that
        completes this call touches just that line (and the element) */
     struct {
@@ -2595,6 +2836,7 @@ static int conc__block_queued(conc__spinlock *mu, conc__wq *q, void *elem, conc_
         if (e) {
             if (canceled) ++*canceled;
             conc__spin_unlock(mu);
+            conc__wake_list(wake);
             conc__sel_fini(&op.s);
             return e;
         }
@@ -2603,20 +2845,29 @@ static int conc__block_queued(conc__spinlock *mu, conc__wq *q, void *elem, conc_
     op.w.elem = elem;
     op.w.case_index = 0;
     op.w.since = CONC__STAMP();
-    conc__wq_push(q, &op.w);
     ++*blocked;
+    if (ring) {
+        conc__ring_enqueue(ring, q == &ring->sendq, &op.w);
+        conc__ring_settle(ring, &wake); /* may complete us at once: then the park returns */
+    } else {
+        conc__wq_push(q, &op.w);
+    }
     conc__spin_unlock(mu);
+    conc__wake_list(wake);
 
     conc__sel_park(&op.s);
     if (waited) *waited = CONC__STAMP() - op.w.since;
     if (atomic_load_explicit(&op.s.fired, CONC__RELAXED) == CONC__OWN_CTX) {
+        wake = NULL;
         conc__spin_lock(mu);
         {
             if (op.w.queued) conc__wq_remove(q, &op.w);
             if (canceled) ++*canceled;
             if (cancel_wait_ns) *cancel_wait_ns += CONC__STAMP() - op.w.since;
+            if (ring) conc__ring_settle(ring, &wake); /* our leaving may reopen the fast path */
         }
         conc__spin_unlock(mu);
+        conc__wake_list(wake);
     } else if (reg) {
         conc__ctx_unregister(ctx, &cw);
     }
@@ -2624,29 +2875,39 @@ static int conc__block_queued(conc__spinlock *mu, conc__wq *q, void *elem, conc_
     return op.s.status;
 }
 
-/* ch->mu held on entry, released on return. Queues the caller and parks it (the
-   completer adds the wait time of calls it completes; a cancelled one adds its own). */
-static int conc__chan_block(conc_chan_t *ch, bool is_send, void *elem, conc_ctx_t *ctx) {
+/* ch->mu held on entry, released on return. Queues the caller and parks it; wakes *wake
+   (claimed by the caller's own attempt) once unlocked. The completer adds the wait time
+   of calls it completes; a cancelled one adds its own. */
+static int conc__chan_block(conc_chan_t *ch, bool is_send, void *elem, conc_ctx_t *ctx, conc__waiter *wake) {
+    conc_chan_t *ring = ch->cap > 0 ? ch : NULL;
     if (is_send)
-        return conc__block_queued(&ch->mu, &ch->sendq, elem, ctx, &ch->blocked_sends, NULL, &ch->send_wait_ns,
-                                  NULL);
-    return conc__block_queued(&ch->mu, &ch->recvq, elem, ctx, &ch->blocked_recvs, NULL, &ch->recv_wait_ns, NULL);
+        return conc__block_queued(&ch->mu, &ch->sendq, elem, ctx, ring, wake, &ch->blocked_sends, NULL,
+                                  &ch->send_wait_ns, NULL);
+    return conc__block_queued(&ch->mu, &ch->recvq, elem, ctx, ring, wake, &ch->blocked_recvs, NULL,
+                              &ch->recv_wait_ns, NULL);
 }
 
 static int conc__chan_send(conc_chan_t *ch, const void *elem, conc_ctx_t *ctx, bool block) {
     conc__waiter *wake = NULL;
     int rc;
     if (!ch || (!elem && ch->elem_size)) return CONC_INVALID;
-    for (bool watched = false;; watched = true) {
-        conc__spin_lock(&ch->mu);
-        rc = conc__send_locked(ch, elem, &wake);
-        if (rc != CONC_WOULD_BLOCK || !block) break;
-        if (watched || ch->sendq.head || !conc__chan_may_watch(ch)) return conc__chan_block(ch, true, (void *)elem, ctx);
-        conc__spin_unlock(&ch->mu);
-        conc__chan_watch(ch, true);
+    if (conc__ring_fast(ch)) {
+        for (bool watched = false;; watched = true) {
+            int r = conc__ring_push(ch, elem, false);
+            if (r == CONC__R_OK) return 0;
+            if (r == CONC__R_OK_MARKED) {
+                conc__ring_settle_unlocked(ch);
+                return 0;
+            }
+            if (r == CONC__R_SLOW || !block || watched || !conc__chan_may_watch(ch)) break;
+            conc__chan_watch(ch, true);
+        }
     }
+    conc__spin_lock(&ch->mu);
+    rc = conc__send_locked(ch, elem, &wake);
+    if (rc == CONC_WOULD_BLOCK && block) return conc__chan_block(ch, true, (void *)elem, ctx, wake);
     conc__spin_unlock(&ch->mu);
-    if (wake) conc__sel_wake(wake->sel);
+    conc__wake_list(wake);
     return rc;
 }
 
@@ -2654,16 +2915,23 @@ static int conc__chan_recv(conc_chan_t *ch, void *elem, conc_ctx_t *ctx, bool bl
     conc__waiter *wake = NULL;
     int rc;
     if (!ch) return CONC_INVALID;
-    for (bool watched = false;; watched = true) {
-        conc__spin_lock(&ch->mu);
-        rc = conc__recv_locked(ch, elem, &wake);
-        if (rc != CONC_WOULD_BLOCK || !block) break;
-        if (watched || ch->recvq.head || !conc__chan_may_watch(ch)) return conc__chan_block(ch, false, elem, ctx);
-        conc__spin_unlock(&ch->mu);
-        conc__chan_watch(ch, false);
+    if (conc__ring_fast(ch)) {
+        for (bool watched = false;; watched = true) {
+            int r = conc__ring_pop(ch, elem, false);
+            if (r == CONC__R_OK) return 0;
+            if (r == CONC__R_OK_MARKED) {
+                conc__ring_settle_unlocked(ch);
+                return 0;
+            }
+            if (r == CONC__R_SLOW || !block || watched || !conc__chan_may_watch(ch)) break;
+            conc__chan_watch(ch, false);
+        }
     }
+    conc__spin_lock(&ch->mu);
+    rc = conc__recv_locked(ch, elem, &wake);
+    if (rc == CONC_WOULD_BLOCK && block) return conc__chan_block(ch, false, elem, ctx, wake);
     conc__spin_unlock(&ch->mu);
-    if (wake) conc__sel_wake(wake->sel);
+    conc__wake_list(wake);
     return rc;
 }
 
@@ -2690,30 +2958,57 @@ CONC_API int conc_chan_close(conc_chan_t *ch) {
     }
     ch->closed = true;
     int64_t now = CONC__STAMP();
+    while ((w = conc__wq_claim(&ch->sendq)) != NULL) {
+        w->sel->status = CONC_CLOSED;
+        ch->send_wait_ns += now - w->since;
+        conc__wake_push(&wake, w);
+    }
+    if (ch->cap > 0) {
+        /* shut the senders' fast path for good, then let every claimed send publish */
+        size_t t = atomic_fetch_or_explicit(&ch->tail, CONC__RSLOW, CONC__ACQ_REL) >> 1;
+        for (size_t p = t > ch->cap ? t - ch->cap : 0; p < t; p++) {
+            conc__rslot *s = conc__rslot_at(ch, p);
+            unsigned spins = 0;
+            while (conc__rslot_state(s) == CONC__RFREE(p)) conc__ring_backoff(&spins);
+        }
+        conc__ring_settle(ch, &wake); /* queued receivers take what is buffered */
+    }
     while ((w = conc__wq_claim(&ch->recvq)) != NULL) {
         if (w->elem && ch->elem_size) memset(w->elem, 0, ch->elem_size);
         w->sel->status = CONC_CLOSED;
         ch->recv_wait_ns += now - w->since;
-        w->next = wake;
-        wake = w;
+        conc__wake_push(&wake, w);
     }
-    while ((w = conc__wq_claim(&ch->sendq)) != NULL) {
-        w->sel->status = CONC_CLOSED;
-        ch->send_wait_ns += now - w->since;
-        w->next = wake;
-        wake = w;
-    }
+    if (ch->cap > 0) conc__ring_settle(ch, &wake); /* clears head's bit */
     conc__spin_unlock(&ch->mu);
     conc__wake_list(wake);
     return 0;
 }
 
+/* ch->mu held: a ring channel's positions, with both fast paths shut for the reading so
+   that the two agree with each other (claimed sends count: they complete). */
+static void conc__ring_freeze(conc_chan_t *ch) {
+    ch->frozen = true;
+    conc__ring_set_slow(&ch->head);
+    conc__ring_set_slow(&ch->tail);
+}
+static void conc__ring_thaw(conc_chan_t *ch, conc__waiter **wake) {
+    ch->frozen = false;
+    conc__ring_settle(ch, wake);
+}
+
 CONC_API size_t conc_chan_len(conc_chan_t *ch) {
-    size_t n;
-    if (!ch) return 0;
+    size_t n = 0;
+    if (!ch || ch->cap == 0) return 0;
+    conc__waiter *wake = NULL;
     conc__spin_lock(&ch->mu);
-    n = conc__count(ch);
+    {
+        conc__ring_freeze(ch);
+        n = (atomic_load_explicit(&ch->tail, CONC__RELAXED) >> 1) - (atomic_load_explicit(&ch->head, CONC__RELAXED) >> 1);
+        conc__ring_thaw(ch, &wake);
+    }
     conc__spin_unlock(&ch->mu);
+    conc__wake_list(wake);
     return n;
 }
 
@@ -2724,17 +3019,26 @@ CONC_API void conc_chan_stats_get(conc_chan_t *ch, conc_chan_stats *out) {
     if (!out) return;
     memset(out, 0, sizeof *out);
     if (!ch) return;
+    conc__waiter *wake = NULL;
     conc__spin_lock(&ch->mu);
     {
-        out->high_water = ch->high_water;
-        out->sends = ch->sends;
-        out->recvs = ch->recvs;
+        if (ch->cap > 0) {
+            conc__ring_freeze(ch);
+            out->sends = atomic_load_explicit(&ch->tail, CONC__RELAXED) >> 1;
+            out->recvs = atomic_load_explicit(&ch->head, CONC__RELAXED) >> 1;
+            out->high_water = atomic_load_explicit(&ch->high_water, CONC__RELAXED);
+            conc__ring_thaw(ch, &wake);
+        } else {
+            out->sends = ch->sends;
+            out->recvs = ch->recvs;
+        }
         out->blocked_sends = ch->blocked_sends;
         out->blocked_recvs = ch->blocked_recvs;
         out->send_wait_ns = ch->send_wait_ns;
         out->recv_wait_ns = ch->recv_wait_ns;
     }
     conc__spin_unlock(&ch->mu);
+    conc__wake_list(wake);
 }
 
 /* ======================================================================== */
@@ -2746,7 +3050,16 @@ CONC_API void conc_chan_stats_get(conc_chan_t *ch, conc_chan_stats *out) {
    case (in that random order) plus one on each context, all sharing one conc__sel, unlock,
    and park. The first completer claims the sel; after the wake the select unlinks its
    other waiters, one channel lock at a time. Holding all locks during the poll gives the
-   poll one instant (no smeared view) and lets no peer slip between poll and queueing. */
+   poll one instant (no smeared view) and lets no peer slip between poll and queueing.
+
+   Buffered channels (see >>chan): pass 1 tries a case's fast path first and takes its
+   lock only if that cannot decide. Pass 2 freezes every buffered channel it locked (sets
+   both RSLOW bits, so no fast-path operation can start on it: the poll still sees one
+   instant) and thaws it - a settle, which clears the bits or, where the select queued,
+   marks the slot (invariant M) - just before unlocking. A claimed but unpublished send is
+   not ready yet; if it publishes while the select queues, the thaw's settle finds the
+   value and hands it to the first receiver queued, so it is never missed, and taken once
+   (a position has one receiver). Losers unlink under each lock and settle there too. */
 
 #define CONC__SELECT_STACK 16
 
@@ -2759,11 +3072,25 @@ static void conc__select_lock(conc_case *cases, const uint16_t *lockorder, size_
     }
 }
 
+/* Pass 2's locks are held: shut the fast path of every buffered channel among them. */
+static void conc__select_freeze(conc_case *cases, const uint16_t *lockorder, size_t nlock) {
+    for (size_t k = 0; k < nlock; k++) {
+        conc_chan_t *ch = cases[lockorder[k]].ch;
+        if (ch->cap > 0 && (k == 0 || cases[lockorder[k - 1]].ch != ch)) conc__ring_freeze(ch);
+    }
+}
+
+/* Thaws (settles) and unlocks pass 2's channels, then wakes whoever the settles claimed. */
 static void conc__select_unlock(conc_case *cases, const uint16_t *lockorder, size_t nlock) {
+    conc__waiter *wake = NULL;
     for (size_t k = nlock; k-- > 0;) {
         conc_chan_t *ch = cases[lockorder[k]].ch;
-        if (k == 0 || cases[lockorder[k - 1]].ch != ch) conc__spin_unlock(&ch->mu);
+        if (k == 0 || cases[lockorder[k - 1]].ch != ch) {
+            if (ch->cap > 0) conc__ring_thaw(ch, &wake);
+            conc__spin_unlock(&ch->mu);
+        }
     }
+    conc__wake_list(wake);
 }
 
 static int conc__select(conc_case *cases, size_t n, conc_ctx_t *ctx, bool block) {
@@ -2772,6 +3099,7 @@ static int conc__select(conc_case *cases, size_t n, conc_ctx_t *ctx, bool block)
     uint16_t *order = order_buf, *lockorder = lock_buf;
     conc__waiter *w = wait_buf;
     void *heap = NULL;
+    conc__waiter *held = NULL; /* claimed by settles in pass 2, woken after unlocking */
     size_t nlock = 0;
     int result;
 
@@ -2811,7 +3139,10 @@ static int conc__select(conc_case *cases, size_t n, conc_ctx_t *ctx, bool block)
        Performing one case under its own lock is atomic, so a case found ready here is as
        good as one found with every lock held; only "nothing is ready" needs pass 2. */
     for (int pass = 1; pass <= 2; pass++) {
-        if (pass == 2) conc__select_lock(cases, lockorder, nlock);
+        if (pass == 2) {
+            conc__select_lock(cases, lockorder, nlock);
+            conc__select_freeze(cases, lockorder, nlock);
+        }
         for (size_t k = 0; k < n; k++) {
             size_t i = order[k];
             conc_case *c = &cases[i];
@@ -2823,14 +3154,34 @@ static int conc__select(conc_case *cases, size_t n, conc_ctx_t *ctx, bool block)
             } else if (!c->ch) {
                 continue;
             } else {
+                if (pass == 1 && conc__ring_fast(c->ch)) {
+                    int r = c->kind == CONC_CASE_SEND ? conc__ring_push(c->ch, c->elem, false)
+                                                      : conc__ring_pop(c->ch, c->elem, false);
+                    if (r == CONC__R_OK_MARKED) conc__ring_settle_unlocked(c->ch);
+                    if (r == CONC__R_OK || r == CONC__R_OK_MARKED) {
+                        st = 0;
+                        goto done_case;
+                    }
+                    /* full, and not closed (close shuts the fast path): not ready */
+                    if (r == CONC__R_NONE && c->kind == CONC_CASE_SEND) continue;
+                }
+                /* a settle may claim waiters even when this case is not ready: in pass 1
+                   they are woken at once, in pass 2 once every lock is dropped */
+                conc__waiter **wp = pass == 1 ? &wake : &held;
                 if (pass == 1) conc__spin_lock(&c->ch->mu);
-                st = c->kind == CONC_CASE_SEND ? conc__send_locked(c->ch, c->elem, &wake)
-                                               : conc__recv_locked(c->ch, c->elem, &wake);
-                if (pass == 1) conc__spin_unlock(&c->ch->mu);
+                st = c->kind == CONC_CASE_SEND ? conc__send_locked(c->ch, c->elem, wp)
+                                               : conc__recv_locked(c->ch, c->elem, wp);
+                if (pass == 1) {
+                    conc__spin_unlock(&c->ch->mu);
+                    conc__wake_list(wake);
+                }
                 if (st == CONC_WOULD_BLOCK) continue;
             }
-            if (pass == 2) conc__select_unlock(cases, lockorder, nlock);
-            if (wake) conc__sel_wake(wake->sel);
+            if (pass == 2) {
+                conc__select_unlock(cases, lockorder, nlock);
+                conc__wake_list(held);
+            }
+        done_case:
             c->status = st;
             if (c->ok) *c->ok = st == 0;
             result = (int)i;
@@ -2839,6 +3190,7 @@ static int conc__select(conc_case *cases, size_t n, conc_ctx_t *ctx, bool block)
     }
     if (!block) {
         conc__select_unlock(cases, lockorder, nlock);
+        conc__wake_list(held);
         result = CONC_WOULD_BLOCK;
         goto out;
     }
@@ -2865,13 +3217,11 @@ static int conc__select(conc_case *cases, size_t n, conc_ctx_t *ctx, bool block)
                 w[i].elem = c->elem;
                 w[i].case_index = (int)i;
                 w[i].since = now;
-                if (c->kind == CONC_CASE_SEND) {
-                    conc__wq_push(&c->ch->sendq, &w[i]);
-                    c->ch->blocked_sends++;
-                } else {
-                    conc__wq_push(&c->ch->recvq, &w[i]);
-                    c->ch->blocked_recvs++;
-                }
+                bool is_send = c->kind == CONC_CASE_SEND;
+                if (c->ch->cap > 0) conc__ring_enqueue(c->ch, is_send, &w[i]); /* the thaw settles */
+                else conc__wq_push(is_send ? &c->ch->sendq : &c->ch->recvq, &w[i]);
+                if (is_send) c->ch->blocked_sends++;
+                else c->ch->blocked_recvs++;
             }
         }
         if (conc__ctx_can_end(ctx) && atomic_load_explicit(&s.fired, CONC__RELAXED) == CONC__UNFIRED) {
@@ -2880,6 +3230,7 @@ static int conc__select(conc_case *cases, size_t n, conc_ctx_t *ctx, bool block)
             else own_reg = true;
         }
         conc__select_unlock(cases, lockorder, nlock);
+        conc__wake_list(held);
 
         conc__sel_park(&s);
         int fired = atomic_load_explicit(&s.fired, CONC__RELAXED);
@@ -2891,12 +3242,15 @@ static int conc__select(conc_case *cases, size_t n, conc_ctx_t *ctx, bool block)
                 continue;
             }
             if ((int)i == fired) continue; /* its completer unlinked it and counted its wait */
+            conc__waiter *wake = NULL;
             conc__spin_lock(&c->ch->mu);
             {
                 if (w[i].queued) conc__wq_remove(c->kind == CONC_CASE_SEND ? &c->ch->sendq : &c->ch->recvq, &w[i]);
                 *(c->kind == CONC_CASE_SEND ? &c->ch->send_wait_ns : &c->ch->recv_wait_ns) += CONC__STAMP() - now;
+                if (c->ch->cap > 0) conc__ring_settle(c->ch, &wake); /* clears a bit, or re-marks */
             }
             conc__spin_unlock(&c->ch->mu);
+            conc__wake_list(wake);
         }
         if (own_reg && fired != CONC__OWN_CTX) conc__ctx_unregister(ctx, &own);
         conc__sel_fini(&s);
@@ -4022,7 +4376,7 @@ static void conc__core_destroy(conc__core *c) {
 static int conc__core_block(conc__core *c, const conc__job *job, conc_ctx_t *ctx) {
     conc__job mine = *job; /* the waiter's elem: the granting worker copies it under mu */
     int64_t waited;
-    int rc = conc__block_queued(&c->mu, &c->blocked, &mine, ctx, &c->blocked_n, &c->canceled, NULL, &waited);
+    int rc = conc__block_queued(&c->mu, &c->blocked, &mine, ctx, NULL, NULL, &c->blocked_n, &c->canceled, NULL, &waited);
     atomic_fetch_add_explicit(&c->blocked_ns, waited, CONC__RELAXED);
     return rc;
 }
