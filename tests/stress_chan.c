@@ -7,6 +7,15 @@
    close_races         the same with close racing send and receive.
    close_during_mpmc   close while many producers and consumers are busy.
    close_wakes_all     close while many senders and receivers are blocked (PITFALLS 3).
+   ring_fifo_close     the lock-free ring of buffered channels (caps 1, 2, 3, 7, 64): producers
+                       send (id, sequence) in 512-byte elements (a torn copy shows) with
+                       send / try_send / select, consumers take with
+                       recv / try_recv / select, close races the lot; every value sent is
+                       received exactly once, each consumer sees each producer's sequence
+                       rising, and once a receive reports CONC_CLOSED none gets a value.
+   ring_select_mixed   selects over two buffered channels against plain fast-path receivers
+                       and senders on the same channels, with the select's own context
+                       cancelled at random: exactly once on both sides.
 
    Loop counts scale with tap_iters() (CONC_TEST_SCALE=0.05 under Valgrind). Threads are
    released together with barriers, never ordered with sleeps. */
@@ -470,6 +479,289 @@ TEST(close_wakes_all) {
     }
 }
 
+/* ---- the ring: FIFO per producer, exactly once, close racing ------------------------- */
+
+enum { RING_P = 4, RING_C = 4, RING_WORDS = 64 };
+
+/* A big element (512 bytes): a send's copy into the ring takes long enough for close and
+   receivers to meet it half-done, and a torn copy shows as words that disagree. */
+typedef struct ring_elem {
+    long w[RING_WORDS];
+} ring_elem;
+
+static void ring_fill(ring_elem *e, long v) {
+    for (int i = 0; i < RING_WORDS; i++) e->w[i] = v;
+}
+static bool ring_whole(const ring_elem *e) {
+    for (int i = 1; i < RING_WORDS; i++)
+        if (e->w[i] != e->w[0]) return false;
+    return true;
+}
+
+typedef struct ring_prod {
+    pthread_t th;
+    conc_chan_t *ch;
+    long id, n, sent;
+    int errs;
+    uint64_t seed;
+} ring_prod;
+
+typedef struct ring_cons {
+    pthread_t th;
+    conc_chan_t *ch;
+    long n;                 /* values per producer */
+    unsigned char *seen;    /* RING_P * n counters */
+    long last[RING_P];      /* last sequence seen from each producer (FIFO per sender) */
+    long got;
+    int errs;
+    uint64_t seed;
+} ring_cons;
+
+static void *ring_produce(void *arg) {
+    ring_prod *p = arg;
+    for (long i = 0; i < p->n; i++) {
+        ring_elem v;
+        ring_fill(&v, p->id * p->n + i);
+        int rc;
+        switch (rnd(&p->seed) % 3) {
+        case 0: rc = conc_chan_send(p->ch, &v, NULL); break;
+        case 1:
+            rc = conc_chan_try_send(p->ch, &v);
+            if (rc == CONC_WOULD_BLOCK) rc = conc_chan_send(p->ch, &v, NULL);
+            break;
+        default: {
+            conc_case cs[] = {CONC_SEND(p->ch, &v)};
+            rc = conc_select(cs, 1, NULL) == 0 ? cs[0].status : -999;
+        }
+        }
+        if (rc == CONC_CLOSED) break;
+        if (rc != 0) {
+            p->errs++;
+            break;
+        }
+        p->sent++;
+    }
+    return NULL;
+}
+
+static void *ring_consume(void *arg) {
+    ring_cons *c = arg;
+    bool closed = false;
+    for (;;) {
+        ring_elem e;
+        bool ok = false;
+        int rc;
+        ring_fill(&e, -1);
+        switch (rnd(&c->seed) % 3) {
+        case 0: rc = conc_chan_recv(c->ch, &e, NULL); break;
+        case 1:
+            rc = conc_chan_try_recv(c->ch, &e);
+            if (rc == CONC_WOULD_BLOCK) rc = conc_chan_recv(c->ch, &e, NULL);
+            break;
+        default: {
+            conc_case cs[] = {CONC_RECV_OK(c->ch, &e, &ok)};
+            rc = conc_select(cs, 1, NULL) == 0 ? cs[0].status : -999;
+            if ((rc == 0) != ok) c->errs++;
+        }
+        }
+        long v = e.w[0];
+        if (!ring_whole(&e)) c->errs++;
+        if (rc == CONC_CLOSED) {
+            if (v != 0) c->errs++;
+            if (closed) break;
+            closed = true; /* once closed and drained, it stays so: a second look must agree */
+            continue;
+        }
+        if (rc != 0 || closed || v < 0 || v >= RING_P * c->n) {
+            c->errs++;
+            break;
+        }
+        long id = v / c->n, seq = v % c->n;
+        if (seq <= c->last[id]) c->errs++; /* overtaken, or a duplicate */
+        c->last[id] = seq;
+        if (c->seen[v] < 255) c->seen[v]++;
+        c->got++;
+    }
+    return NULL;
+}
+
+static void ring_round(size_t cap, long n, bool close_early, uint64_t seed) {
+    conc_chan_t *ch = conc_chan_new(sizeof(ring_elem), cap);
+    ASSERT(ch != NULL);
+    ring_prod prod[RING_P];
+    ring_cons cons[RING_C];
+    for (int i = 0; i < RING_C; i++) {
+        cons[i] = (ring_cons){.ch = ch, .n = n, .seed = seed * 31 + (uint64_t)i + 1};
+        for (int k = 0; k < RING_P; k++) cons[i].last[k] = -1;
+        cons[i].seen = calloc((size_t)(RING_P * n), 1);
+        ASSERT(cons[i].seen != NULL);
+        spawn(&cons[i].th, ring_consume, &cons[i]);
+    }
+    for (int i = 0; i < RING_P; i++) {
+        prod[i] = (ring_prod){.ch = ch, .id = i, .n = n, .seed = seed * 77 + (uint64_t)i + 1};
+        spawn(&prod[i].th, ring_produce, &prod[i]);
+    }
+    if (close_early) {
+        /* close while values stream: some sends are mid-copy in the ring right now */
+        for (;;) {
+            conc_chan_stats s;
+            conc_chan_stats_get(ch, &s);
+            if ((long)s.sends >= n) break;
+            sched_yield();
+        }
+        EXPECT_EQ(conc_chan_close(ch), 0);
+        for (int i = 0; i < RING_P; i++) pthread_join(prod[i].th, NULL);
+    } else {
+        for (int i = 0; i < RING_P; i++) pthread_join(prod[i].th, NULL);
+        EXPECT_EQ(conc_chan_close(ch), 0);
+    }
+    for (int i = 0; i < RING_C; i++) pthread_join(cons[i].th, NULL);
+    long errs = 0, sent = 0, got = 0, lost = 0, dup = 0;
+    for (int i = 0; i < RING_P; i++) {
+        errs += prod[i].errs;
+        sent += prod[i].sent;
+        if (!close_early) EXPECT_EQ(prod[i].sent, n);
+    }
+    for (int i = 0; i < RING_C; i++) {
+        errs += cons[i].errs;
+        got += cons[i].got;
+    }
+    for (int p = 0; p < RING_P; p++)
+        for (long i = 0; i < n; i++) {
+            int count = 0;
+            for (int c = 0; c < RING_C; c++) count += cons[c].seen[p * n + i];
+            if (i < prod[p].sent && count == 0) lost++;
+            if (count > (i < prod[p].sent ? 1 : 0)) dup++; /* twice, or never sent */
+        }
+    EXPECT_EQ(errs, 0);
+    EXPECT_EQ(sent, got);
+    EXPECT_EQ(lost, 0);
+    EXPECT_EQ(dup, 0);
+    conc_chan_stats s;
+    conc_chan_stats_get(ch, &s);
+    EXPECT_EQ((long)s.sends, sent);
+    EXPECT_EQ((long)s.recvs, got);
+    EXPECT(s.high_water <= cap);
+    EXPECT_EQ(conc_chan_len(ch), 0);
+    for (int i = 0; i < RING_C; i++) free(cons[i].seen);
+    EXPECT_EQ(conc_chan_free(ch), 0);
+}
+
+TEST(ring_fifo_close) {
+    static const size_t caps[] = {1, 2, 3, 7, 64};
+    long rounds = tap_iters(40), n = tap_iters(2000);
+    if (n < 50) n = 50;
+    for (long r = 0; r < rounds; r++) ring_round(caps[r % 5], n, r & 1, (uint64_t)r + 1);
+}
+
+/* ---- selects against the fast path -------------------------------------------------- */
+
+typedef struct ring_sel {
+    pthread_t th;
+    conc_chan_t *a, *b;
+    long n;
+    bool selecting;  /* a select over a and b (else a plain receive on a, or b) */
+    long got, sum, cancelled;
+    int errs;
+    uint64_t seed;
+} ring_sel;
+
+static void *ring_sel_main(void *arg) {
+    ring_sel *s = arg;
+    conc_chan_t *live[2] = {s->a, s->b}; /* NULL once closed and drained: never ready */
+    while (live[0] || live[1]) {
+        long v = -1;
+        int rc, from;
+        if (s->selecting) {
+            conc_ctx_t *c = NULL;
+            if (rnd(&s->seed) % 4 == 0) {
+                c = conc_ctx_with_cancel(NULL);
+                if (rnd(&s->seed) & 1) conc_ctx_cancel(c); /* ended before it starts */
+            }
+            conc_case cs[] = {CONC_RECV(live[0], &v), CONC_RECV(live[1], &v)};
+            int i = conc_select(cs, 2, c);
+            if (c) conc_ctx_release(c);
+            if (i == CONC_CANCELED) {
+                s->cancelled++;
+                continue;
+            }
+            if (i < 0) {
+                s->errs++;
+                break;
+            }
+            rc = cs[i].status;
+            from = i;
+        } else {
+            from = live[0] && live[1] ? (int)(rnd(&s->seed) & 1) : live[0] ? 0 : 1;
+            rc = conc_chan_recv(live[from], &v, NULL);
+        }
+        if (rc == CONC_CLOSED) {
+            live[from] = NULL;
+            continue;
+        }
+        if (rc != 0 || v < 0 || v >= 2 * s->n) {
+            s->errs++;
+            break;
+        }
+        s->got++;
+        s->sum += v;
+    }
+    return NULL;
+}
+
+static void *ring_sel_feed(void *arg) {
+    ring_sel *s = arg;
+    for (long i = 0; i < s->n; i++) {
+        long v = (s->selecting ? s->n : 0) + i; /* the two feeders' values do not overlap */
+        if (rnd(&s->seed) & 1) {
+            conc_case cs[] = {CONC_SEND(s->a, &v), CONC_SEND(s->b, &v)};
+            int k = conc_select(cs, 2, NULL);
+            if (k < 0 || cs[k].status != 0) s->errs++;
+        } else if (conc_chan_send(rnd(&s->seed) & 1 ? s->a : s->b, &v, NULL) != 0) {
+            s->errs++;
+        }
+        s->got++;
+        s->sum += v;
+    }
+    return NULL;
+}
+
+TEST(ring_select_mixed) {
+    long rounds = tap_iters(20), n = tap_iters(5000);
+    if (n < 50) n = 50;
+    for (long r = 0; r < rounds; r++) {
+        size_t cap = r % 3 == 0 ? 1 : r % 3 == 1 ? 4 : 64;
+        conc_chan_t *a = conc_chan_new(sizeof(long), cap), *b = conc_chan_new(sizeof(long), cap);
+        ASSERT(a && b);
+        ring_sel rx[4], tx[2];
+        for (int i = 0; i < 4; i++) {
+            rx[i] = (ring_sel){.a = a, .b = b, .n = n, .selecting = i < 2, .seed = (uint64_t)(r * 8 + i + 1)};
+            spawn(&rx[i].th, ring_sel_main, &rx[i]);
+        }
+        for (int i = 0; i < 2; i++) {
+            tx[i] = (ring_sel){.a = a, .b = b, .n = n, .selecting = i == 1, .seed = (uint64_t)(r * 8 + i + 5)};
+            spawn(&tx[i].th, ring_sel_feed, &tx[i]);
+        }
+        for (int i = 0; i < 2; i++) pthread_join(tx[i].th, NULL);
+        EXPECT_EQ(conc_chan_close(a), 0);
+        EXPECT_EQ(conc_chan_close(b), 0);
+        long got = 0, sum = 0, errs = 0;
+        for (int i = 0; i < 4; i++) {
+            pthread_join(rx[i].th, NULL);
+            got += rx[i].got;
+            sum += rx[i].sum;
+            errs += rx[i].errs;
+        }
+        errs += tx[0].errs + tx[1].errs;
+        EXPECT_EQ(errs, 0);
+        EXPECT_EQ(got, 2 * n);
+        EXPECT_EQ(sum, tx[0].sum + tx[1].sum);
+        EXPECT_EQ(conc_chan_len(a) + conc_chan_len(b), 0);
+        EXPECT_EQ(conc_chan_free(a), 0);
+        EXPECT_EQ(conc_chan_free(b), 0);
+    }
+}
+
 int main(void) {
     RUN(mpmc_unbuffered);
     RUN(mpmc_cap1);
@@ -480,5 +772,7 @@ int main(void) {
     RUN(close_races);
     RUN(all_races_mixed);
     RUN(close_wakes_all);
+    RUN(ring_fifo_close);
+    RUN(ring_select_mixed);
     return tap_done();
 }

@@ -796,6 +796,31 @@ TEST(blocked_receivers_fifo) {
     }
 }
 
+TEST(freed_slot_completes_blocked_sender) {
+    /* A buffered receive that frees a slot while a sender waits moves that sender's value
+       in before it returns - also when it took the value without the lock - so the sender
+       returns without any further receive. */
+    for (size_t cap = 1; cap <= 3; cap++) {
+        conc_chan_t *ch = conc_chan_new(sizeof(long), cap);
+        ASSERT(ch != NULL);
+        for (long i = 0; i < (long)cap; i++) EXPECT_EQ(conc_chan_send(ch, &i, NULL), 0);
+        op s;
+        op_start_blocked(&s, OP_SEND, ch, 99, NULL);
+        long v = -1;
+        EXPECT_EQ(conc_chan_recv(ch, &v, NULL), 0);
+        EXPECT_EQ(v, 0);
+        op_join(&s);
+        EXPECT_EQ(s.rc, 0);
+        EXPECT_EQ(conc_chan_len(ch), cap);
+        for (long i = 1; i <= (long)cap; i++) {
+            EXPECT_EQ(conc_chan_try_recv(ch, &v), 0);
+            EXPECT_EQ(v, i < (long)cap ? i : 99);
+        }
+        EXPECT_EQ(conc_chan_try_recv(ch, &v), CONC_WOULD_BLOCK);
+        EXPECT_EQ(conc_chan_free(ch), 0);
+    }
+}
+
 TEST(blocked_senders_fifo) {
     enum { N = 6 };
     /* Unbuffered. */
@@ -998,6 +1023,7 @@ int main(void) {
     RUN(ready_operation_ignores_ended_ctx);
     RUN(blocked_receivers_fifo);
     RUN(blocked_senders_fifo);
+    RUN(freed_slot_completes_blocked_sender);
     RUN(signals_do_not_disturb_blocked_calls);
     RUN(stats);
     return tap_done();
