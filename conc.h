@@ -2544,8 +2544,15 @@ CONC_API int conc_chan_free(conc_chan_t *ch) {
 #define CONC__STAMP() conc_now()
 #endif
 
-static void conc__copy(void *dst, const void *src, size_t n) {
-    if (n && dst) memcpy(dst, src, n);
+static inline void conc__copy(void *dst, const void *src, size_t n) {
+    if (!dst) return;
+    switch (n) { /* the common sizes inline, without a call */
+    case 0: return;
+    case 4: memcpy(dst, src, 4); return;
+    case 8: memcpy(dst, src, 8); return;
+    case 16: memcpy(dst, src, 16); return;
+    default: memcpy(dst, src, n);
+    }
 }
 
 /* Pushes w on the list to wake after unlocking (linked through `next`: it is off every queue). */
