@@ -2740,17 +2740,24 @@ static bool conc__ring_fast(const conc_chan_t *ch) { return ch->cap > 0 && !CONC
    other side usually makes room within a few hundred ns, and taking it then costs a
    fast-path operation instead of a waiter hand-off and a wake. It stops as soon as the
    side's fast path is shut (someone queued): the newcomer then queues behind. */
+#define CONC__WATCH_BATCH 32 /* slots a sender that found the buffer full waits for */
 static bool conc__chan_may_watch(const conc_chan_t *ch) {
     /* with one slot, the hand-off beats watching */
     return CONC_SPIN_NS > 0 && ch->cap > 1 && !CONC__ON_VALGRIND() && conc__ncpu() > 1;
 }
 
 static void conc__chan_watch(conc_chan_t *ch, bool for_room) {
+    /* A sender that found the buffer full waits for a batch of room, not one slot: the
+       receivers are behind anyway, and filling a slot the moment it frees would take the
+       line the receiver is emptying, one slot at a time. Past the pause phase one slot
+       will do. */
+    size_t batch = for_room ? (ch->cap / 2 < CONC__WATCH_BATCH ? ch->cap / 2 : CONC__WATCH_BATCH) : 1;
+    if (batch < 1) batch = 1;
     /* polls with growing gaps: each poll pulls the slot's line away from the peer */
     for (int spent = 0, gap = 1; spent < CONC__SPIN_PAUSES; spent += gap, gap = gap < 16 ? gap * 2 : gap) {
         size_t x = atomic_load_explicit(for_room ? &ch->tail : &ch->head, CONC__RELAXED);
         if (x & CONC__RSLOW) return;
-        size_t pos = x >> 1, st = conc__rslot_state(conc__rslot_at(ch, pos));
+        size_t pos = (x >> 1) + batch - 1, st = conc__rslot_state(conc__rslot_at(ch, pos));
         if (st == (for_room ? CONC__RFREE(pos) : CONC__RFULL(pos))) return;
         for (int k = 0; k < gap; k++) CONC__PAUSE();
     }
