@@ -195,7 +195,9 @@ POOLS  (>>pool)
    jobs; the pool's context is a child of parent (NULL = background). A job is a function
    and an argument, int fn(void *arg, conc_ctx_t *ctx), called on a worker with the pool's
    context (conc_pool_ctx). Its threads are registered (>>thread) as "pool worker" with the
-   file:line of the conc_pool_new call, and they are reused for every job.
+   file:line of the conc_pool_new call, and they are reused for every job. Inside, a pool
+   is what a Go programmer would write: a channel of jobs (>>chan) that the workers receive
+   from until it is closed, so the queue has the channel's guarantees and its cost.
 
    - conc_pool_submit(p, fn, arg, ctx) hands the job to a waiting worker, else queues it,
      else blocks until a worker or a slot frees up (returning the ctx's err if ctx ends
@@ -946,8 +948,11 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_siz
                               complete with CONC_SHUTDOWN); jobs running then go on.
                               CONC_INVALID (p NULL). May be called again.
    conc_pool_ctx(p)           The pool's context (owned by p; valid until free).
-   conc_pool_stats_get(p, &s) A consistent snapshot of p's statistics (blocked_ns may lag by
-                              the submits returning at that moment).
+   conc_pool_stats_get(p, &s) A snapshot of p's statistics, each read at one moment
+                              (the counters are not frozen together: running and queued
+                              may be off by the jobs moving at that moment). submitted,
+                              blocked, blocked_ns and high_water are the jobs channel's own
+                              statistics (conc_chan_stats_get).
    conc_future_wait(f, &r, ctx)  Blocks: until the job has run. Returns: 0 with the job's
                               return value in r (r may be NULL); CONC_SHUTDOWN (the job never
                               ran: shutdown reported it); the ctx's err; CONC_INVALID (f NULL).
@@ -3849,79 +3854,14 @@ CONC_API bool conc_once_done(conc_once_t *once) {
 /* ======================================================================== */
 /* >>pool: worker pools and futures                                         */
 /* ======================================================================== */
-/* The engine (conc__core) is shared by pools and error groups: a set of worker threads,
-   a ring of queued jobs, the waiting workers and the blocked submitters, all under one
-   spinlock. It is a channel whose receivers are the workers (runtime/chan.go again):
-   a submit hands its job straight to a waiting worker, else queues it in the ring, else
-   blocks; a worker that finishes takes the next job from the ring (refilling the slot from
-   the first blocked submitter) or straight from a blocked submitter, else waits.
-
-   Invariants (all under core.mu):
-   - At most one of {idle holds a worker, count > 0 or blocked holds a live submitter}:
-     a submit uses a waiting worker before the ring, the ring before blocking; a worker
-     takes queued and blocked jobs before it waits. (A pool with cap 0 never queues.)
-   - A job is accepted exactly once and then either runs exactly once or, if a shutdown's
-     context ends first, is reported unrun exactly once: it moves only under mu, from the
-     submitter's frame into a worker's slot (claiming the worker's sel), into the ring, or
-     is taken from the ring by a worker or by the shutdown. A blocked submitter's job moves
-     only by claiming its sel (index 0): the claim decides between a worker taking it
-     (submit returns 0), the shutdown refusing it (CONC_SHUTDOWN) and its context (the
-     ctx's err), exactly as a channel send racing its cancellation.
-   - A waiting worker is on idle (pushed at the head: the most recently idle one is the
-     likeliest to be still spinning, so it is handed the next job and the sleepers stay
-     asleep) with a freshly initialised sel; it is claimed only by a submit (status 0, job
-     in its slot) or by the shutdown (status CONC_SHUTDOWN: leave). Nobody else registers
-     a worker anywhere, so every worker on idle is live.
-   - active counts jobs handed to a worker and not yet finished; the group's limit bounds it
-     (a pool has no limit: its worker count does). nworkers counts workers started and not
-     yet left; `live` (a wait group) reaches 0 once every worker has left its loop.
-   - Once shutting is set nothing is accepted, no worker waits any more, blocked submitters
-     were refused; workers drain the ring and leave.
-   Lock order: core.mu -> ctx.mu (a blocked submit registers on its context under mu). No
-   user code, wake or thread start runs under mu. */
-
-enum { CONC__POOL_KIND = 1, CONC__GROUP_KIND = 2 };
+/* Futures, then pools: a jobs channel and the threads that receive from it (the group's
+   engine, conc__core, is in >>group). */
 
 typedef struct conc__job {
     conc_task_fn fn;
     void *arg;
     conc_future_t *fut; /* pools: completed with the job's result; may be NULL */
 } conc__job;
-
-struct conc__core;
-
-typedef struct conc__worker {
-    conc__waiter w;             /* on core.idle while waiting; w.sel = &s */
-    conc__sel s;                /* re-initialised for each wait */
-    conc__job job;              /* written by whoever claims s with status 0 */
-    struct conc__core *core;    /* immutable */
-    conc__thread *thread;       /* (core.mu) set once started; joined by the core's joiner */
-    struct conc__worker *next;  /* (core.mu) core.all */
-} conc__worker;
-
-typedef struct conc__core {
-    conc__spinlock mu;
-    conc__job *ring;            /* (mu) cap slots */
-    size_t cap, head, count;    /* cap immutable; head, count (mu) */
-    conc__wq idle;              /* (mu) waiting workers, LIFO */
-    conc__wq blocked;           /* (mu) blocked submitters, FIFO; elem -> their conc__job */
-    int64_t limit;              /* (mu) most jobs active at once; -1: none */
-    int64_t active;             /* (mu) jobs handed to workers, not finished */
-    size_t nworkers;            /* (mu) started and not yet left */
-    size_t max_workers;         /* immutable; SIZE_MAX: grow on demand (groups) */
-    bool shutting;              /* (mu) */
-    pthread_mutex_t join_mu;    /* held by a joiner: a second shutdown returns after the first joined */
-    int kind;                   /* immutable: CONC__POOL_KIND / CONC__GROUP_KIND */
-    conc__worker *all;          /* (mu) every worker started, for the joiner */
-    conc_ctx_t *ctx;            /* immutable: the jobs' context; the core's reference */
-    conc_wg_t *live;            /* workers that have not left their loop */
-    const char *purpose, *file; /* immutable: for the thread registry */
-    int line;
-    /* statistics (mu) */
-    uint64_t submitted, completed, rejected, canceled, unrun, blocked_n, threads;
-    _Atomic int64_t blocked_ns; /* added without mu by submits that were granted */
-    size_t high_water;
-} conc__core;
 
 /* ---- futures ---- */
 /* A future is shared by the job (one reference, dropped when it completes it), the
@@ -4048,6 +3988,299 @@ CONC_API int conc_future_free(conc_future_t *f) {
     return 0;
 }
 
+/* ---- pools ---- */
+/* A pool is the worker pool as Go programs write it: a jobs channel of capacity cap (0: a
+   hand-off) and `workers` threads that receive from it until it is closed and drained.
+   A job's journey is the channel's, with all its guarantees: a submit is a send (blocking
+   with its context, or a try_send), accepted exactly once, FIFO, with the channel's
+   backpressure statistics and its lock-free ring for cap > 0. The pool adds the threads,
+   the context handed to every job, futures, and the shutdown's take-back.
+
+   Invariants:
+   - A job is accepted exactly when its send returns 0. Then exactly one receive takes it:
+     a worker's (the job runs once) or, once a shutdown has run out of time, the
+     shutdown's (the job is reported unrun once). Nothing else receives from jobs.
+   - Shutdown closes jobs first: submits after it and submits blocked then get
+     CONC_CLOSED, reported as CONC_SHUTDOWN; the workers drain what was accepted and
+     leave their loop; `live` counts the workers that have not left it.
+   - Each worker's counters are written by that worker only, on a cache line of its own
+     (two workers bumping one shared counter would move it between them on every job).
+   Lock order: join_mu is taken alone (around the joins). */
+
+typedef struct conc__pool_worker {
+    _Alignas(64) _Atomic uint64_t started; /* written by this worker only (relaxed) */
+    _Atomic uint64_t completed;           /* likewise, after the job returned */
+    conc_pool_t *pool;                    /* immutable */
+    conc__thread *thread;                 /* immutable once started; joined by conc__pool_join */
+} conc__pool_worker;
+
+struct conc_pool {
+    conc_chan_t *jobs;           /* of conc__job */
+    conc_ctx_t *ctx;             /* handed to every job; cancelled by a shutdown out of time */
+    conc_wg_t *live;             /* workers still in their loop */
+    conc__pool_worker *workers;  /* nworkers, cache-line aligned inside workers_alloc */
+    void *workers_alloc;
+    size_t nworkers;             /* workers started (immutable once the pool is returned) */
+    pthread_mutex_t join_mu;     /* held by the joiner: a second shutdown returns after the first has joined */
+    bool joined;                 /* (join_mu) */
+    _Atomic uint64_t rejected, canceled, unrun;
+};
+
+static void conc__pool_worker_main(void *arg) {
+    conc__pool_worker *wk = (conc__pool_worker *)arg;
+    conc_pool_t *p = wk->pool;
+    conc__job job;
+    while (conc_chan_recv(p->jobs, &job, NULL) == 0) {
+        atomic_store_explicit(&wk->started, atomic_load_explicit(&wk->started, CONC__RELAXED) + 1, CONC__RELAXED);
+        int rc = job.fn(job.arg, p->ctx);
+        atomic_store_explicit(&wk->completed, atomic_load_explicit(&wk->completed, CONC__RELAXED) + 1,
+                              CONC__RELAXED);
+        if (job.fut) conc__future_complete(job.fut, 0, rc);
+    }
+    conc_wg_done(p->live); /* the last touch of p: after it the pool may be freed (after a join) */
+}
+
+/* Joins every worker (all have left their loop: live is 0). */
+static void conc__pool_join(conc_pool_t *p) {
+    CONC__LOCK(&p->join_mu);
+    if (!p->joined) {
+        for (size_t i = 0; i < p->nworkers; i++) conc__thread_join(p->workers[i].thread);
+        p->joined = true;
+    }
+    CONC__UNLOCK(&p->join_mu);
+}
+
+/* Frees what conc_pool_new_at set up, once every started worker has left and been joined. */
+static void conc__pool_destroy(conc_pool_t *p) {
+    for (size_t i = 0; i < p->nworkers; i++) {
+        CONC__CHECKED(&p->workers[i].started);
+        CONC__CHECKED(&p->workers[i].completed);
+    }
+    CONC__CHECKED(&p->rejected);
+    CONC__CHECKED(&p->canceled);
+    CONC__CHECKED(&p->unrun);
+    conc_ctx_release(p->ctx);
+    conc_wg_free(p->live);
+    conc_chan_free(p->jobs);
+    pthread_mutex_destroy(&p->join_mu);
+    CONC_FREE(p->workers_alloc);
+    CONC_FREE(p);
+}
+
+CONC_API conc_pool_t *conc_pool_new_at(size_t workers, size_t cap, conc_ctx_t *parent, const char *file, int line) {
+    if (workers == 0 || workers > (SIZE_MAX - 63) / sizeof(conc__pool_worker)) return NULL;
+    conc_pool_t *p = (conc_pool_t *)CONC_MALLOC(sizeof *p);
+    if (!p) return NULL;
+    memset(p, 0, sizeof *p);
+    conc__mutex_init(&p->join_mu);
+    p->jobs = conc_chan_new(sizeof(conc__job), cap);
+    p->ctx = conc_ctx_with_cancel(parent);
+    p->live = conc_wg_new();
+    p->workers_alloc = CONC_MALLOC(workers * sizeof(conc__pool_worker) + 63);
+    if (!p->jobs || !p->ctx || !p->live || !p->workers_alloc) {
+        conc__pool_destroy(p); /* each part is NULL or fresh: freeing NULL is a no-op */
+        return NULL;
+    }
+    p->workers = (conc__pool_worker *)(void *)(((uintptr_t)p->workers_alloc + 63) & ~(uintptr_t)63);
+    /* counters read without a lock by conc_pool_stats_get: Helgrind is told not to check them */
+    CONC__UNCHECKED(&p->rejected);
+    CONC__UNCHECKED(&p->canceled);
+    CONC__UNCHECKED(&p->unrun);
+    atomic_init(&p->rejected, 0);
+    atomic_init(&p->canceled, 0);
+    atomic_init(&p->unrun, 0);
+    for (size_t i = 0; i < workers; i++) {
+        conc__pool_worker *wk = &p->workers[i];
+        CONC__UNCHECKED(&wk->started);
+        CONC__UNCHECKED(&wk->completed);
+        atomic_init(&wk->started, 0);
+        atomic_init(&wk->completed, 0);
+        wk->pool = p;
+        conc_wg_add(p->live, 1);
+        if (conc__thread_start(&wk->thread, conc__pool_worker_main, wk, "pool worker", file, line, 0) != 0) {
+            conc_wg_done(p->live);
+            CONC__CHECKED(&wk->started); /* not counted in nworkers: destroy skips it */
+            CONC__CHECKED(&wk->completed);
+            conc_chan_close(p->jobs); /* the started ones leave at once: nothing was accepted */
+            conc_wg_wait(p->live, NULL);
+            conc__pool_join(p);
+            conc__pool_destroy(p);
+            return NULL;
+        }
+        p->nworkers = i + 1;
+    }
+    return p;
+}
+
+CONC_API conc_ctx_t *conc_pool_ctx(const conc_pool_t *pool) { return pool ? pool->ctx : NULL; }
+
+static int conc__pool_submit(conc_pool_t *pool, conc_task_fn fn, void *arg, conc_future_t **out, conc_ctx_t *ctx,
+                             bool block) {
+    conc__job job;
+    if (out) *out = NULL;
+    if (!pool || !fn) return CONC_INVALID;
+    job.fn = fn;
+    job.arg = arg;
+    job.fut = NULL;
+    if (out && !(job.fut = conc__future_new())) return CONC_NOMEM;
+    int rc = block ? conc_chan_send(pool->jobs, &job, ctx) : conc_chan_try_send(pool->jobs, &job);
+    if (rc == CONC_CLOSED) rc = CONC_SHUTDOWN;
+    if (rc == CONC_WOULD_BLOCK || rc == CONC_SHUTDOWN) atomic_fetch_add_explicit(&pool->rejected, 1, CONC__RELAXED);
+    else if (rc != 0) atomic_fetch_add_explicit(&pool->canceled, 1, CONC__RELAXED); /* the ctx's err */
+    if (out) {
+        if (rc == 0) {
+            *out = job.fut;
+        } else {
+            conc__future_unref(job.fut); /* the job's reference and the caller's */
+            conc__future_unref(job.fut);
+        }
+    }
+    return rc;
+}
+
+CONC_API int conc_pool_submit(conc_pool_t *pool, conc_task_fn fn, void *arg, conc_ctx_t *ctx) {
+    return conc__pool_submit(pool, fn, arg, NULL, ctx, true);
+}
+CONC_API int conc_pool_try_submit(conc_pool_t *pool, conc_task_fn fn, void *arg) {
+    return conc__pool_submit(pool, fn, arg, NULL, NULL, false);
+}
+CONC_API int conc_pool_submit_future(conc_pool_t *pool, conc_task_fn fn, void *arg, conc_future_t **out,
+                                     conc_ctx_t *ctx) {
+    if (!out) return CONC_INVALID;
+    return conc__pool_submit(pool, fn, arg, out, ctx, true);
+}
+CONC_API int conc_pool_try_submit_future(conc_pool_t *pool, conc_task_fn fn, void *arg, conc_future_t **out) {
+    if (!out) return CONC_INVALID;
+    return conc__pool_submit(pool, fn, arg, out, NULL, false);
+}
+
+/* A job the shutdown took back: it never runs. */
+static void conc__pool_report_unrun(const conc__job *job, conc_pool_unrun_fn unrun, void *unrun_arg) {
+    if (job->fut) conc__future_complete(job->fut, CONC_SHUTDOWN, 0);
+    if (unrun) unrun(job->fn, job->arg, unrun_arg);
+}
+
+CONC_API int conc_pool_shutdown(conc_pool_t *pool, conc_pool_unrun_fn unrun, void *unrun_arg, conc_ctx_t *ctx) {
+    if (!pool) return CONC_INVALID;
+    conc_chan_close(pool->jobs); /* CONC_CLOSED from a second shutdown: nothing to do */
+    int rc = conc_wg_wait(pool->live, ctx);
+    if (rc == 0) {
+        conc__pool_join(pool);
+        return 0;
+    }
+    /* out of time: first take back what never started, so that no worker starts it with
+       the context about to end, then stop what runs and report. A worker may still take
+       a job meanwhile: whoever receives it owns it. Without memory for the list, one job
+       at a time after the cancel. */
+    size_t cap = conc_chan_cap(pool->jobs), nleft = 0;
+    conc__job *left = cap ? (conc__job *)CONC_MALLOC(cap * sizeof *left) : NULL;
+    if (left)
+        while (nleft < cap && conc_chan_try_recv(pool->jobs, &left[nleft]) == 0) nleft++;
+    atomic_fetch_add_explicit(&pool->unrun, nleft, CONC__RELAXED);
+    conc_ctx_cancel(pool->ctx);
+    for (size_t i = 0; i < nleft; i++) conc__pool_report_unrun(&left[i], unrun, unrun_arg);
+    CONC_FREE(left);
+    conc__job job;
+    while (conc_chan_try_recv(pool->jobs, &job) == 0) {
+        atomic_fetch_add_explicit(&pool->unrun, 1, CONC__RELAXED);
+        conc__pool_report_unrun(&job, unrun, unrun_arg);
+    }
+    return rc;
+}
+
+CONC_API void conc_pool_free(conc_pool_t *pool) {
+    if (!pool) return;
+    conc_chan_close(pool->jobs);
+    conc_wg_wait(pool->live, NULL); /* the queued jobs run first, as in a shutdown */
+    conc__pool_join(pool);
+    conc__pool_destroy(pool);
+}
+
+CONC_API void conc_pool_stats_get(conc_pool_t *pool, conc_pool_stats *out) {
+    if (!out) return;
+    memset(out, 0, sizeof *out);
+    if (!pool) return;
+    conc_chan_stats cs;
+    uint64_t started = 0, completed = 0;
+    for (size_t i = 0; i < pool->nworkers; i++) { /* completed first: running never looks negative */
+        completed += atomic_load_explicit(&pool->workers[i].completed, CONC__RELAXED);
+    }
+    for (size_t i = 0; i < pool->nworkers; i++) started += atomic_load_explicit(&pool->workers[i].started, CONC__RELAXED);
+    conc_chan_stats_get(pool->jobs, &cs);
+    out->submitted = cs.sends;
+    out->completed = completed;
+    out->rejected = atomic_load_explicit(&pool->rejected, CONC__RELAXED);
+    out->canceled = atomic_load_explicit(&pool->canceled, CONC__RELAXED);
+    out->unrun = atomic_load_explicit(&pool->unrun, CONC__RELAXED);
+    out->blocked = cs.blocked_sends;
+    out->blocked_ns = cs.send_wait_ns;
+    out->high_water = cs.high_water;
+    out->queued = conc_chan_len(pool->jobs);
+    out->running = (size_t)(started - completed);
+}
+
+/* ======================================================================== */
+/* >>group: error groups                                                    */
+/* ======================================================================== */
+/* The engine (conc__core): a set of worker threads, the waiting workers and the blocked
+   submitters, under one spinlock. It is an unbuffered channel whose receivers are the
+   workers (runtime/chan.go again), plus a limit on the jobs running at once and threads
+   started on demand: a submit hands its job straight to a waiting worker, else starts a
+   worker with it, else (at the limit) blocks; a worker that finishes takes the next job
+   straight from a blocked submitter, else waits.
+
+   Invariants (all under core.mu):
+   - idle holds a worker only while blocked holds no live submitter: a submit uses a
+     waiting worker before it blocks; a worker takes a blocked job before it waits.
+   - A job is accepted exactly once and then runs exactly once: it moves only under mu,
+     from the submitter's frame into a worker's slot (claiming the worker's sel) or into a
+     new worker, or is taken from a blocked submitter by a worker. A blocked submitter's
+     job moves only by claiming its sel (index 0): the claim decides between a worker
+     taking it (submit returns 0), the shutdown refusing it (CONC_SHUTDOWN) and its
+     context (the ctx's err), exactly as a channel send racing its cancellation.
+   - A waiting worker is on idle (pushed at the head: the most recently idle one is the
+     likeliest to be still spinning, so it is handed the next job and the sleepers stay
+     asleep) with a freshly initialised sel; it is claimed only by a submit (status 0, job
+     in its slot) or by the shutdown (status CONC_SHUTDOWN: leave). Nobody else registers
+     a worker anywhere, so every worker on idle is live.
+   - active counts jobs handed to a worker and not yet finished; the limit bounds it.
+     nworkers counts workers started and not yet left; `live` (a wait group) reaches 0
+     once every worker has left its loop.
+   - Once shutting is set nothing is accepted, no worker waits any more, blocked submitters
+     were refused; workers leave.
+   Lock order: core.mu -> ctx.mu (a blocked submit registers on its context under mu). No
+   user code, wake or thread start runs under mu. */
+
+struct conc__core;
+
+typedef struct conc__worker {
+    conc__waiter w;             /* on core.idle while waiting; w.sel = &s */
+    conc__sel s;                /* re-initialised for each wait */
+    conc__job job;              /* written by whoever claims s with status 0 */
+    struct conc__core *core;    /* immutable */
+    conc__thread *thread;       /* (core.mu) set once started; joined by the core's joiner */
+    struct conc__worker *next;  /* (core.mu) core.all */
+} conc__worker;
+
+typedef struct conc__core {
+    conc__spinlock mu;
+    conc__wq idle;              /* (mu) waiting workers, LIFO */
+    conc__wq blocked;           /* (mu) blocked submitters, FIFO; elem -> their conc__job */
+    int64_t limit;              /* (mu) most jobs active at once; -1: none */
+    int64_t active;             /* (mu) jobs handed to workers, not finished */
+    size_t nworkers;            /* (mu) started and not yet left */
+    bool shutting;              /* (mu) */
+    pthread_mutex_t join_mu;    /* held by a joiner: a second shutdown returns after the first joined */
+    conc__worker *all;          /* (mu) every worker started, for the joiner */
+    conc_ctx_t *ctx;            /* immutable: the jobs' context; the core's reference */
+    conc_wg_t *live;            /* workers that have not left their loop */
+    const char *purpose, *file; /* immutable: for the thread registry */
+    int line;
+    /* statistics (mu) */
+    uint64_t submitted, blocked_n, threads;
+    _Atomic int64_t blocked_ns; /* added without mu by submits that were granted */
+} conc__core;
+
 /* ---- the engine ---- */
 
 static void conc__wq_push_front(conc__wq *q, conc__waiter *w) {
@@ -4060,20 +4293,6 @@ static void conc__wq_push_front(conc__wq *q, conc__waiter *w) {
 }
 
 static void conc__group_task_done(struct conc__core *core, const conc__job *job, int rc);
-
-static void conc__core_ring_push(conc__core *c, const conc__job *job) {
-    size_t k = c->head + c->count;
-    if (k >= c->cap) k -= c->cap;
-    c->ring[k] = *job;
-    if (++c->count > c->high_water) c->high_water = c->count;
-}
-
-static conc__job conc__core_ring_pop(conc__core *c) {
-    conc__job j = c->ring[c->head];
-    if (++c->head == c->cap) c->head = 0;
-    c->count--;
-    return j;
-}
 
 /* mu held. Tries to accept *job without blocking. 0: accepted (*wake: a worker claimed for
    it, or *spawn: start a worker with it); else CONC_SHUTDOWN or CONC_WOULD_BLOCK. */
@@ -4110,36 +4329,16 @@ static int conc__core_accept_locked(conc__core *c, const conc__job *job, conc__w
         *wake = wk;
         return 0;
     }
-    if (c->nworkers < c->max_workers && c->kind == CONC__GROUP_KIND) {
-        c->nworkers++;
-        c->active++;
-        c->submitted++;
-        *spawn = true;
-        return 0;
-    }
-    if (c->count < c->cap) {
-        conc__core_ring_push(c, job);
-        c->submitted++;
-        return 0;
-    }
-    return CONC_WOULD_BLOCK;
+    c->nworkers++; /* no worker waits: start one (threads grow on demand, up to the limit) */
+    c->active++;
+    c->submitted++;
+    *spawn = true;
+    return 0;
 }
 
-/* mu held. A worker's next job: from the ring (whose freed slot takes the first blocked
-   submitter's job), else from a blocked submitter directly. *wake: the submitter to wake. */
+/* mu held. A worker's next job: straight from the first blocked submitter, if the limit
+   allows. *wake: the submitter to wake. */
 static bool conc__core_next_locked(conc__core *c, conc__job *out, conc__waiter **wake) {
-    if (c->count > 0) {
-        *out = conc__core_ring_pop(c);
-        conc__waiter *b = conc__wq_claim(&c->blocked);
-        if (b) {
-            conc__core_ring_push(c, (const conc__job *)b->elem);
-            b->sel->status = 0;
-            c->submitted++;
-            *wake = b;
-        }
-        c->active++;
-        return true;
-    }
     if (c->limit >= 0 && c->active >= c->limit) return false;
     conc__waiter *b = conc__wq_claim(&c->blocked);
     if (b) {
@@ -4154,63 +4353,7 @@ static bool conc__core_next_locked(conc__core *c, conc__job *out, conc__waiter *
 }
 
 static void conc__core_run(conc__core *c, conc__job *job) {
-    int rc = job->fn(job->arg, c->ctx);
-    if (c->kind == CONC__GROUP_KIND) conc__group_task_done(c, job, rc);
-    else if (job->fut) conc__future_complete(job->fut, 0, rc);
-}
-
-/* The pool's park: pause, then yield, then sleep, as conc__sel_park, but with a pause
-   phase that adapts per thread. On the machine this is tuned for (a 2-vCPU KVM guest, AMD
-   EPYC) a `pause` costs 30-40 ns, so conc__sel_park's fixed 128 are ~5 us during which a
-   peer that shares our vCPU cannot run - and three threads on two cores (the submitter and
-   two workers) is a pool's common case; a sched_yield costs ~2 us there, a sleeper's wake
-   ~13 us. A wait that ends within the pause phase raises the phase to twice what that wait
-   took (a peer on the other core keeps being caught without a syscall); one that has to
-   yield halves it (the peer was likelier waiting for our core - on a machine shared with
-   other processes it drops to a few pauses). Used by the workers of pools with a queue:
-   there it beat conc__sel_park; on an idle machine conc__sel_park was twice as fast for
-   hand-off pools and groups (their workers and blocked submitters use it; under heavy
-   load from other processes the opposite was seen). Spinning with `pause` only, at most ncpu - 1
-   spinners and no yield, looked better on paper and was 4x slower whenever other
-   processes shared the machine (a spinner then holds the very core its peer needs). */
-#define CONC__CORE_PAUSES_MAX 256
-static _Thread_local int conc__core_pauses = 32;
-static void conc__core_park(conc__sel *s) {
-#if CONC_SPIN_NS > 0
-    if (!CONC__ON_VALGRIND() && conc__ncpu() > 1) {
-        int n = conc__core_pauses;
-        for (int i = 0; i < n; i++) {
-            if (conc__sel_is_done(s)) {
-                int next = 2 * i + 4;
-                conc__core_pauses = next > CONC__CORE_PAUSES_MAX ? CONC__CORE_PAUSES_MAX : next > n ? next : n;
-                goto done;
-            }
-            CONC__PAUSE();
-        }
-        conc__core_pauses = n > 8 ? n / 2 : 4;
-        for (int64_t t0 = conc_now(); conc_now() - t0 < CONC_SPIN_NS;) {
-            sched_yield();
-            if (conc__sel_is_done(s)) goto done;
-        }
-    }
-#endif
-    {
-        /* conc__sel_park's sleep, without its spin phase (spent already) */
-        conc__parker *p = &conc__self_parker;
-        CONC__HB_BEFORE(&s->park);
-        CONC__LOCK(&p->mu);
-        {
-            uintptr_t expect = CONC__PARK_WAITING;
-            if (atomic_compare_exchange_strong_explicit(&s->park, &expect, (uintptr_t)p, CONC__ACQ_REL,
-                                                        CONC__ACQUIRE)) {
-                while (atomic_load_explicit(&s->park, CONC__ACQUIRE) != CONC__PARK_DONE)
-                    pthread_cond_wait(&p->cv, &p->mu);
-            }
-        }
-        CONC__UNLOCK(&p->mu);
-    }
-done:
-    CONC__HB_AFTER(s);
+    conc__group_task_done(c, job, job->fn(job->arg, c->ctx));
 }
 
 static void conc__worker_main(void *arg) {
@@ -4223,10 +4366,7 @@ static void conc__worker_main(void *arg) {
         if (have) conc__core_run(c, &job);
         conc__spin_lock(&c->mu);
         {
-            if (have) {
-                c->active--;
-                c->completed++;
-            }
+            if (have) c->active--;
             have = conc__core_next_locked(c, &job, &wake);
             if (!have) {
                 if (c->shutting) {
@@ -4244,11 +4384,7 @@ static void conc__worker_main(void *arg) {
         conc__spin_unlock(&c->mu);
         if (wake) conc__sel_wake(wake->sel);
         if (!have) {
-            /* a hand-off pool's worker waits for the next submit, which comes within the
-               long pause phase of conc__sel_park; a queue's worker for a busier producer,
-               caught better by the adaptive short one (both measured, bench_pool) */
-            if (c->cap) conc__core_park(&wk->s);
-            else conc__sel_park(&wk->s);
+            conc__sel_park(&wk->s);
             int st = wk->s.status;
             conc__sel_fini(&wk->s);
             if (st != 0) { /* the shutdown claimed us: nothing is handed over */
@@ -4300,22 +4436,16 @@ static int conc__core_start_worker(conc__core *c, const conc__job *first) {
     return rc;
 }
 
-static int conc__core_init(conc__core *c, int kind, size_t workers, size_t cap, conc_ctx_t *parent,
-                           const char *purpose, const char *file, int line) {
+static int conc__core_init(conc__core *c, conc_ctx_t *parent, const char *purpose, const char *file, int line) {
     memset(c, 0, sizeof *c);
-    c->kind = kind;
-    c->cap = cap;
     c->limit = -1;
-    c->max_workers = kind == CONC__GROUP_KIND ? SIZE_MAX : workers;
     c->purpose = purpose;
     c->file = file;
     c->line = line;
-    if (cap && cap > SIZE_MAX / sizeof(conc__job)) return CONC_NOMEM;
-    if (cap && !(c->ring = (conc__job *)CONC_MALLOC(cap * sizeof(conc__job)))) return CONC_NOMEM;
     /* statistics and hints read without mu: Helgrind is told not to check them */
     CONC__UNCHECKED(&c->blocked_ns);
     atomic_init(&c->blocked_ns, 0);
-    if (conc__spin_init(&c->mu) != 0) goto fail_ring;
+    if (conc__spin_init(&c->mu) != 0) goto fail_mu;
     conc__mutex_init(&c->join_mu);
     if (!(c->live = conc_wg_new())) goto fail_join;
     if (!(c->ctx = conc_ctx_with_cancel(parent))) goto fail_wg;
@@ -4325,9 +4455,8 @@ fail_wg:
 fail_join:
     pthread_mutex_destroy(&c->join_mu);
     conc__spin_destroy(&c->mu);
-fail_ring:
+fail_mu:
     CONC__CHECKED(&c->blocked_ns);
-    CONC_FREE(c->ring);
     return CONC_NOMEM;
 }
 
@@ -4339,7 +4468,6 @@ static void conc__core_begin_shutdown(conc__core *c) {
         c->shutting = true;
         while ((w = conc__wq_claim(&c->blocked)) != NULL) {
             w->sel->status = CONC_SHUTDOWN;
-            c->rejected++;
             w->next = wake;
             wake = w;
         }
@@ -4383,14 +4511,13 @@ static void conc__core_destroy(conc__core *c) {
     pthread_mutex_destroy(&c->join_mu);
     conc__spin_destroy(&c->mu);
     CONC__CHECKED(&c->blocked_ns);
-    CONC_FREE(c->ring);
 }
 
 /* Blocks the caller as a submitter (mu held on entry, released on return). */
 static int conc__core_block(conc__core *c, const conc__job *job, conc_ctx_t *ctx) {
     conc__job mine = *job; /* the waiter's elem: the granting worker copies it under mu */
     int64_t waited;
-    int rc = conc__block_queued(&c->mu, &c->blocked, &mine, ctx, NULL, NULL, &c->blocked_n, &c->canceled, NULL, &waited);
+    int rc = conc__block_queued(&c->mu, &c->blocked, &mine, ctx, NULL, NULL, &c->blocked_n, NULL, NULL, &waited);
     atomic_fetch_add_explicit(&c->blocked_ns, waited, CONC__RELAXED);
     return rc;
 }
@@ -4407,7 +4534,6 @@ retry:
         if (rc == CONC__CORE_RETRY) goto retry; /* a failed start gave back the slot we waited for */
         return rc;
     }
-    if (rc != 0) c->rejected++;
     conc__spin_unlock(&c->mu);
     if (wake) conc__sel_wake(&wake->s);
     if (spawn) {
@@ -4433,151 +4559,8 @@ retry:
     return rc;
 }
 
-struct conc_pool {
-    conc__core core;
-};
-
-CONC_API conc_pool_t *conc_pool_new_at(size_t workers, size_t cap, conc_ctx_t *parent, const char *file, int line) {
-    if (workers == 0) return NULL;
-    conc_pool_t *p = (conc_pool_t *)CONC_MALLOC(sizeof *p);
-    if (!p) return NULL;
-    if (conc__core_init(&p->core, CONC__POOL_KIND, workers, cap, parent, "pool worker", file, line) != 0) {
-        CONC_FREE(p);
-        return NULL;
-    }
-    for (size_t i = 0; i < workers; i++) {
-        conc__spin_lock(&p->core.mu);
-        p->core.nworkers++;
-        conc__spin_unlock(&p->core.mu);
-        if (conc__core_start_worker(&p->core, NULL) != 0) {
-            conc__spin_lock(&p->core.mu);
-            p->core.nworkers--;
-            conc__spin_unlock(&p->core.mu);
-            conc__core_destroy(&p->core);
-            CONC_FREE(p);
-            return NULL;
-        }
-    }
-    return p;
-}
-
-CONC_API conc_ctx_t *conc_pool_ctx(const conc_pool_t *pool) { return pool ? pool->core.ctx : NULL; }
-
-static int conc__pool_submit(conc_pool_t *pool, conc_task_fn fn, void *arg, conc_future_t **out, conc_ctx_t *ctx,
-                             bool block) {
-    conc__job job;
-    if (out) *out = NULL;
-    if (!pool || !fn) return CONC_INVALID;
-    job.fn = fn;
-    job.arg = arg;
-    job.fut = NULL;
-    if (out && !(job.fut = conc__future_new())) return CONC_NOMEM;
-    int rc = conc__core_submit(&pool->core, &job, ctx, block);
-    if (out) {
-        if (rc == 0) {
-            *out = job.fut;
-        } else {
-            conc__future_unref(job.fut);
-            conc__future_unref(job.fut);
-        }
-    }
-    return rc;
-}
-
-CONC_API int conc_pool_submit(conc_pool_t *pool, conc_task_fn fn, void *arg, conc_ctx_t *ctx) {
-    return conc__pool_submit(pool, fn, arg, NULL, ctx, true);
-}
-CONC_API int conc_pool_try_submit(conc_pool_t *pool, conc_task_fn fn, void *arg) {
-    return conc__pool_submit(pool, fn, arg, NULL, NULL, false);
-}
-CONC_API int conc_pool_submit_future(conc_pool_t *pool, conc_task_fn fn, void *arg, conc_future_t **out,
-                                     conc_ctx_t *ctx) {
-    if (!out) return CONC_INVALID;
-    return conc__pool_submit(pool, fn, arg, out, ctx, true);
-}
-CONC_API int conc_pool_try_submit_future(conc_pool_t *pool, conc_task_fn fn, void *arg, conc_future_t **out) {
-    if (!out) return CONC_INVALID;
-    return conc__pool_submit(pool, fn, arg, out, NULL, false);
-}
-
-CONC_API int conc_pool_shutdown(conc_pool_t *pool, conc_pool_unrun_fn unrun, void *unrun_arg, conc_ctx_t *ctx) {
-    if (!pool) return CONC_INVALID;
-    conc__core *c = &pool->core;
-    conc__core_begin_shutdown(c);
-    int rc = conc_wg_wait(c->live, ctx);
-    if (rc == 0) {
-        conc__core_join(c);
-        return 0;
-    }
-    /* out of time: first take back what never started, so that no worker starts it with
-       the context about to end, then stop what runs and report. Without memory for the
-       list, one job at a time after the cancel (a worker may take the next one meanwhile:
-       whoever pops it owns it). */
-    conc__job *left = c->cap ? (conc__job *)CONC_MALLOC(c->cap * sizeof *left) : NULL;
-    size_t nleft = 0;
-    if (left) {
-        conc__spin_lock(&c->mu);
-        {
-            while (c->count > 0) left[nleft++] = conc__core_ring_pop(c);
-            c->unrun += nleft;
-        }
-        conc__spin_unlock(&c->mu);
-    }
-    conc_ctx_cancel(c->ctx);
-    for (size_t i = 0; i < nleft; i++) {
-        if (left[i].fut) conc__future_complete(left[i].fut, CONC_SHUTDOWN, 0);
-        if (unrun) unrun(left[i].fn, left[i].arg, unrun_arg);
-    }
-    CONC_FREE(left);
-    for (;;) {
-        conc__job job;
-        bool got = false;
-        conc__spin_lock(&c->mu);
-        if (c->count > 0) {
-            job = conc__core_ring_pop(c);
-            c->unrun++;
-            got = true;
-        }
-        conc__spin_unlock(&c->mu);
-        if (!got) break;
-        if (job.fut) conc__future_complete(job.fut, CONC_SHUTDOWN, 0);
-        if (unrun) unrun(job.fn, job.arg, unrun_arg);
-    }
-    return rc;
-}
-
-CONC_API void conc_pool_free(conc_pool_t *pool) {
-    if (!pool) return;
-    conc__core_destroy(&pool->core);
-    CONC_FREE(pool);
-}
-
-CONC_API void conc_pool_stats_get(conc_pool_t *pool, conc_pool_stats *out) {
-    if (!out) return;
-    memset(out, 0, sizeof *out);
-    if (!pool) return;
-    conc__core *c = &pool->core;
-    conc__spin_lock(&c->mu);
-    {
-        out->submitted = c->submitted;
-        out->completed = c->completed;
-        out->rejected = c->rejected;
-        out->canceled = c->canceled;
-        out->unrun = c->unrun;
-        out->blocked = c->blocked_n;
-        out->blocked_ns = atomic_load_explicit(&c->blocked_ns, CONC__RELAXED);
-        out->high_water = c->high_water;
-        out->queued = c->count;
-        out->running = (size_t)c->active;
-    }
-    conc__spin_unlock(&c->mu);
-}
-
-/* ======================================================================== */
-/* >>group: error groups                                                    */
-/* ======================================================================== */
-/* x/sync/errgroup on the pool engine: a core with no queue (cap 0), no fixed worker count
-   (a go that finds no waiting worker and is under the limit starts one; workers stay for
+/* ---- groups ---- */
+/* x/sync/errgroup on the engine above: no queue, no fixed worker count (a go that finds no waiting worker and is under the limit starts one; workers stay for
    the next tasks until the group is freed, so threads are reused), and active bounded by
    the limit. `tasks` counts tasks accepted and not finished; wait waits for it to reach 0.
 
@@ -4589,7 +4572,7 @@ CONC_API void conc_pool_stats_get(conc_pool_t *pool, conc_pool_stats *out) {
      (set_limit refuses otherwise), so a worker only compares active with it; a worker
      still on its way back from a finished task (active not yet dropped) makes a go that
      arrives then wait for that worker's relock, which grants it.
-   Lock order: emu is taken alone; core.mu as in >>pool. */
+   Lock order: emu is taken alone; core.mu as above. */
 
 struct conc_group {
     conc__core core;        /* first: the worker's core pointer casts back */
@@ -4639,7 +4622,7 @@ CONC_API conc_group_t *conc_group_new_at(conc_ctx_t *parent, const char *file, i
     conc_group_t *g = (conc_group_t *)CONC_MALLOC(sizeof *g);
     if (!g) return NULL;
     memset(g, 0, sizeof *g);
-    if (conc__core_init(&g->core, CONC__GROUP_KIND, 0, 0, parent, "errgroup worker", file, line) != 0) {
+    if (conc__core_init(&g->core, parent, "errgroup worker", file, line) != 0) {
         CONC_FREE(g);
         return NULL;
     }
