@@ -220,7 +220,8 @@ POOLS  (>>pool)
    - conc_pool_shutdown(p, unrun, unrun_arg, ctx): from its first call on, submits return
      CONC_SHUTDOWN (blocked ones too, at once); queued and running jobs are drained, then
      the workers are joined and it returns 0. If ctx ends first it takes every job still
-     queued out of the queue (none of them starts), cancels the pool's context (so running
+     queued out of the queue (a worker that frees up meanwhile may still start one: each
+     job is either taken back or started, never both), cancels the pool's context (so running
      jobs can stop early), calls unrun(fn, arg, unrun_arg) for each job it took (and
      completes its future with CONC_SHUTDOWN), then returns the ctx's err without waiting
      for the running jobs: call shutdown again, or free, to wait for them. Nothing is
@@ -559,7 +560,8 @@ CONC_API bool conc_after_func_stop(conc_after_func_t *af);
 typedef struct conc_chan conc_chan_t;
 
 typedef struct conc_chan_stats {
-    size_t high_water;        /* most elements ever buffered at once */
+    size_t high_water;        /* most elements ever buffered at once (a value a waiting
+                                 receiver takes at once may pass through the buffer) */
     uint64_t sends, recvs;    /* completed sends / receives */
     uint64_t blocked_sends;   /* sends that had to wait for a receiver or for room */
     uint64_t blocked_recvs;   /* receives that had to wait for a value */
@@ -671,7 +673,8 @@ typedef struct conc_pool_stats {
     uint64_t unrun;       /* accepted jobs that never ran: reported by conc_pool_shutdown */
     uint64_t blocked;     /* submits that had to wait for a worker or for room */
     int64_t blocked_ns;   /* total time those submits waited */
-    size_t high_water;    /* most jobs ever queued at once (0 with a queue of capacity 0) */
+    size_t high_water;    /* most jobs ever queued at once (0 with a queue of capacity 0; a
+                             job a waiting worker takes at once may pass through the queue) */
     size_t queued;        /* jobs queued now */
     size_t running;       /* jobs running (or handed to a worker) now */
 } conc_pool_stats;
@@ -4008,8 +4011,7 @@ CONC_API int conc_future_free(conc_future_t *f) {
    Lock order: join_mu is taken alone (around the joins). */
 
 typedef struct conc__pool_worker {
-    _Alignas(64) _Atomic uint64_t started; /* written by this worker only (relaxed) */
-    _Atomic uint64_t completed;           /* likewise, after the job returned */
+    _Alignas(64) _Atomic uint64_t completed; /* written by this worker only, after the job returned */
     conc_pool_t *pool;                    /* immutable */
     conc__thread *thread;                 /* immutable once started; joined by conc__pool_join */
 } conc__pool_worker;
@@ -4031,10 +4033,9 @@ static void conc__pool_worker_main(void *arg) {
     conc_pool_t *p = wk->pool;
     conc__job job;
     while (conc_chan_recv(p->jobs, &job, NULL) == 0) {
-        atomic_store_explicit(&wk->started, atomic_load_explicit(&wk->started, CONC__RELAXED) + 1, CONC__RELAXED);
         int rc = job.fn(job.arg, p->ctx);
         atomic_store_explicit(&wk->completed, atomic_load_explicit(&wk->completed, CONC__RELAXED) + 1,
-                              CONC__RELAXED);
+                              CONC__RELEASE);
         if (job.fut) conc__future_complete(job.fut, 0, rc);
     }
     conc_wg_done(p->live); /* the last touch of p: after it the pool may be freed (after a join) */
@@ -4053,7 +4054,6 @@ static void conc__pool_join(conc_pool_t *p) {
 /* Frees what conc_pool_new_at set up, once every started worker has left and been joined. */
 static void conc__pool_destroy(conc_pool_t *p) {
     for (size_t i = 0; i < p->nworkers; i++) {
-        CONC__CHECKED(&p->workers[i].started);
         CONC__CHECKED(&p->workers[i].completed);
     }
     CONC__CHECKED(&p->rejected);
@@ -4091,16 +4091,13 @@ CONC_API conc_pool_t *conc_pool_new_at(size_t workers, size_t cap, conc_ctx_t *p
     atomic_init(&p->unrun, 0);
     for (size_t i = 0; i < workers; i++) {
         conc__pool_worker *wk = &p->workers[i];
-        CONC__UNCHECKED(&wk->started);
         CONC__UNCHECKED(&wk->completed);
-        atomic_init(&wk->started, 0);
         atomic_init(&wk->completed, 0);
         wk->pool = p;
         conc_wg_add(p->live, 1);
         if (conc__thread_start(&wk->thread, conc__pool_worker_main, wk, "pool worker", file, line, 0) != 0) {
             conc_wg_done(p->live);
-            CONC__CHECKED(&wk->started); /* not counted in nworkers: destroy skips it */
-            CONC__CHECKED(&wk->completed);
+            CONC__CHECKED(&wk->completed); /* not counted in nworkers: destroy skips it */
             conc_chan_close(p->jobs); /* the started ones leave at once: nothing was accepted */
             conc_wg_wait(p->live, NULL);
             conc__pool_join(p);
@@ -4172,17 +4169,19 @@ CONC_API int conc_pool_shutdown(conc_pool_t *pool, conc_pool_unrun_fn unrun, voi
        the context about to end, then stop what runs and report. A worker may still take
        a job meanwhile: whoever receives it owns it. Without memory for the list, one job
        at a time after the cancel. */
-    size_t cap = conc_chan_cap(pool->jobs), nleft = 0;
+    size_t cap = conc_chan_len(pool->jobs), nleft = 0; /* no more can come: jobs is closed */
     conc__job *left = cap ? (conc__job *)CONC_MALLOC(cap * sizeof *left) : NULL;
     if (left)
-        while (nleft < cap && conc_chan_try_recv(pool->jobs, &left[nleft]) == 0) nleft++;
-    atomic_fetch_add_explicit(&pool->unrun, nleft, CONC__RELAXED);
+        while (nleft < cap && conc_chan_try_recv(pool->jobs, &left[nleft]) == 0) {
+            nleft++;
+            atomic_fetch_add_explicit(&pool->unrun, 1, CONC__RELEASE); /* as it leaves the channel: stats' running */
+        }
     conc_ctx_cancel(pool->ctx);
     for (size_t i = 0; i < nleft; i++) conc__pool_report_unrun(&left[i], unrun, unrun_arg);
     CONC_FREE(left);
     conc__job job;
     while (conc_chan_try_recv(pool->jobs, &job) == 0) {
-        atomic_fetch_add_explicit(&pool->unrun, 1, CONC__RELAXED);
+        atomic_fetch_add_explicit(&pool->unrun, 1, CONC__RELEASE);
         conc__pool_report_unrun(&job, unrun, unrun_arg);
     }
     return rc;
@@ -4201,22 +4200,24 @@ CONC_API void conc_pool_stats_get(conc_pool_t *pool, conc_pool_stats *out) {
     memset(out, 0, sizeof *out);
     if (!pool) return;
     conc_chan_stats cs;
-    uint64_t started = 0, completed = 0;
-    for (size_t i = 0; i < pool->nworkers; i++) { /* completed first: running never looks negative */
-        completed += atomic_load_explicit(&pool->workers[i].completed, CONC__RELAXED);
-    }
-    for (size_t i = 0; i < pool->nworkers; i++) started += atomic_load_explicit(&pool->workers[i].started, CONC__RELAXED);
+    uint64_t completed = 0;
+    /* completed and unrun before the channel's receives: every job they count was received
+       first, so running (received, neither completed nor taken back) never looks negative.
+       A job handed to a worker counts from the hand-off, not from when the worker wakes. */
+    for (size_t i = 0; i < pool->nworkers; i++)
+        completed += atomic_load_explicit(&pool->workers[i].completed, CONC__ACQUIRE);
+    uint64_t unrun = atomic_load_explicit(&pool->unrun, CONC__ACQUIRE);
     conc_chan_stats_get(pool->jobs, &cs);
     out->submitted = cs.sends;
     out->completed = completed;
     out->rejected = atomic_load_explicit(&pool->rejected, CONC__RELAXED);
     out->canceled = atomic_load_explicit(&pool->canceled, CONC__RELAXED);
-    out->unrun = atomic_load_explicit(&pool->unrun, CONC__RELAXED);
+    out->unrun = unrun;
     out->blocked = cs.blocked_sends;
     out->blocked_ns = cs.send_wait_ns;
     out->high_water = cs.high_water;
     out->queued = conc_chan_len(pool->jobs);
-    out->running = (size_t)(started - completed);
+    out->running = cs.recvs >= completed + unrun ? (size_t)(cs.recvs - completed - unrun) : 0;
 }
 
 /* ======================================================================== */

@@ -663,6 +663,46 @@ TEST(no_thread_leaks_after_everything) {
     EXPECT_EQ(conc_leak_check(0, CONC_SECOND, NULL, NULL, 0, NULL), 0);
 }
 
+/* A job handed to a waiting worker counts as running from the hand-off, not from when the
+   worker thread wakes (on a loaded machine that can be much later), for every capacity. */
+static conc_chan_t *hold_gate;
+static int job_hold(void *arg, conc_ctx_t *ctx) {
+    (void)arg, (void)ctx;
+    conc_chan_recv(hold_gate, NULL, NULL);
+    return 0;
+}
+
+/* true once n receives by the pool's workers have blocked on its jobs channel (white box) */
+static bool workers_parked(conc_pool_t *p, size_t n) {
+    conc_chan_stats cs;
+    conc_chan_stats_get(p->jobs, &cs);
+    return cs.blocked_recvs >= n;
+}
+
+TEST(stats_count_a_handed_off_job_as_running) {
+    size_t caps[] = {0, 1, 8};
+    for (int k = 0; k < 3; k++) {
+        hold_gate = conc_chan_new(0, 0);
+        conc_pool_t *p = conc_pool_new(2, caps[k], NULL);
+        ASSERT(p && hold_gate);
+        int64_t end = conc_now() + 10 * CONC_SECOND;
+        while (!workers_parked(p, 2) && conc_now() < end) nap();
+        ASSERT_EQ(conc_pool_submit(p, job_hold, NULL, NULL), 0);
+        conc_pool_stats s;
+        conc_pool_stats_get(p, &s); /* the worker may not have run yet: it has the job */
+        EXPECT_EQ(s.submitted, 1);
+        EXPECT_EQ(s.queued + s.running, 1);
+        EXPECT_EQ(s.running, 1);
+        conc_chan_close(hold_gate);
+        EXPECT_EQ(conc_pool_shutdown(p, NULL, NULL, NULL), 0);
+        conc_pool_stats_get(p, &s);
+        EXPECT_EQ(s.running, 0);
+        EXPECT_EQ(s.submitted, s.completed + s.unrun);
+        conc_pool_free(p);
+        conc_chan_free(hold_gate);
+    }
+}
+
 int main(void) {
     RUN(new_submit_shutdown_free);
     RUN(try_submit_fails_fast_when_saturated);
@@ -673,6 +713,7 @@ int main(void) {
     RUN(future_freed_while_waited);
     RUN(concurrent_shutdowns_both_join);
     RUN(jobs_get_the_pools_context);
+    RUN(stats_count_a_handed_off_job_as_running);
     RUN(threads_are_registered_and_reused);
     RUN(stress_cancel_races_worker_taking_the_job);
     RUN(stress_shutdown_while_saturated_accounts_every_job_once);
