@@ -1181,6 +1181,13 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_siz
 #define CONC__ON_VALGRIND() 0
 #endif
 
+/* for the few helpers shared by two hot paths that differ by a constant (send / receive) */
+#if defined(__GNUC__) || defined(__clang__)
+#define CONC__ALWAYS_INLINE static inline __attribute__((always_inline))
+#else
+#define CONC__ALWAYS_INLINE static inline
+#endif
+
 #if defined(__x86_64__) || defined(__i386__)
 #define CONC__PAUSE() __builtin_ia32_pause()
 #elif defined(__aarch64__)
@@ -2909,52 +2916,40 @@ static int conc__chan_block(conc_chan_t *ch, bool is_send, void *elem, conc_ctx_
                               &ch->recv_wait_ns, NULL);
 }
 
-static int conc__chan_send(conc_chan_t *ch, const void *elem, conc_ctx_t *ctx, bool block) {
+/* A send (elem is read) or a receive (elem is written; NULL: discard): the ring's fast
+   path, watching a full or empty buffer for a moment before giving up on it; else under
+   the lock; else (block) queue and park. */
+CONC__ALWAYS_INLINE int conc__chan_op(conc_chan_t *ch, bool is_send, void *elem, conc_ctx_t *ctx, bool block) {
     conc__waiter *wake = NULL;
     int rc;
-    if (!ch || (!elem && ch->elem_size)) return CONC_INVALID;
     if (conc__ring_fast(ch)) {
         for (bool watched = false;; watched = true) {
-            int r = conc__ring_push(ch, elem, false);
+            int r = is_send ? conc__ring_push(ch, elem, false) : conc__ring_pop(ch, elem, false);
             if (r == CONC__R_OK) return 0;
             if (r == CONC__R_OK_MARKED) {
                 conc__ring_settle_unlocked(ch);
                 return 0;
             }
             if (r == CONC__R_SLOW || !block || watched || !conc__chan_may_watch(ch)) break;
-            conc__chan_watch(ch, true);
+            conc__chan_watch(ch, is_send);
         }
     }
     conc__spin_lock(&ch->mu);
-    rc = conc__send_locked(ch, elem, &wake);
-    if (rc == CONC_WOULD_BLOCK && block) return conc__chan_block(ch, true, (void *)elem, ctx, wake);
+    rc = is_send ? conc__send_locked(ch, elem, &wake) : conc__recv_locked(ch, elem, &wake);
+    if (rc == CONC_WOULD_BLOCK && block) return conc__chan_block(ch, is_send, elem, ctx, wake);
     conc__spin_unlock(&ch->mu);
     conc__wake_list(wake);
     return rc;
 }
 
+static int conc__chan_send(conc_chan_t *ch, const void *elem, conc_ctx_t *ctx, bool block) {
+    if (!ch || (!elem && ch->elem_size)) return CONC_INVALID;
+    return conc__chan_op(ch, true, (void *)elem, ctx, block);
+}
+
 static int conc__chan_recv(conc_chan_t *ch, void *elem, conc_ctx_t *ctx, bool block) {
-    conc__waiter *wake = NULL;
-    int rc;
     if (!ch) return CONC_INVALID;
-    if (conc__ring_fast(ch)) {
-        for (bool watched = false;; watched = true) {
-            int r = conc__ring_pop(ch, elem, false);
-            if (r == CONC__R_OK) return 0;
-            if (r == CONC__R_OK_MARKED) {
-                conc__ring_settle_unlocked(ch);
-                return 0;
-            }
-            if (r == CONC__R_SLOW || !block || watched || !conc__chan_may_watch(ch)) break;
-            conc__chan_watch(ch, false);
-        }
-    }
-    conc__spin_lock(&ch->mu);
-    rc = conc__recv_locked(ch, elem, &wake);
-    if (rc == CONC_WOULD_BLOCK && block) return conc__chan_block(ch, false, elem, ctx, wake);
-    conc__spin_unlock(&ch->mu);
-    conc__wake_list(wake);
-    return rc;
+    return conc__chan_op(ch, false, elem, ctx, block);
 }
 
 CONC_API int conc_chan_send(conc_chan_t *ch, const void *elem, conc_ctx_t *ctx) {
