@@ -4001,8 +4001,10 @@ CONC_API int conc_future_free(conc_future_t *f) {
    - Shutdown closes jobs first: submits after it and submits blocked then get
      CONC_CLOSED, reported as CONC_SHUTDOWN; the workers drain what was accepted and
      leave their loop; `live` counts the workers that have not left it.
-   - Each worker's counters are written by that worker only, on a cache line of its own
-     (two workers bumping one shared counter would move it between them on every job).
+   - Each worker counts its completed jobs itself, on a cache line of its own (two workers
+     bumping one shared counter would move it between them on every job). A job counts
+     as running from the receive that took it (the channel counts receives under its lock)
+     until its worker's count or unrun includes it.
    Lock order: join_mu is taken alone (around the joins). */
 
 typedef struct conc__pool_worker {
