@@ -1400,6 +1400,16 @@ static void conc__wq_push(conc__wq *q, conc__waiter *w) {
     w->queued = true;
 }
 
+/* LIFO use (the group's idle workers: the most recent is the likeliest still spinning). */
+static void conc__wq_push_front(conc__wq *q, conc__waiter *w) {
+    w->prev = NULL;
+    w->next = q->head;
+    if (q->head) q->head->prev = w;
+    else q->tail = w;
+    q->head = w;
+    w->queued = true;
+}
+
 static void conc__wq_remove(conc__wq *q, conc__waiter *w) {
     if (w->prev) w->prev->next = w->next;
     else q->head = w->next;
@@ -4280,15 +4290,6 @@ typedef struct conc__core {
 } conc__core;
 
 /* ---- the engine ---- */
-
-static void conc__wq_push_front(conc__wq *q, conc__waiter *w) {
-    w->prev = NULL;
-    w->next = q->head;
-    if (q->head) q->head->prev = w;
-    else q->tail = w;
-    q->head = w;
-    w->queued = true;
-}
 
 static void conc__group_task_done(struct conc__core *core, const conc__job *job, int rc);
 
