@@ -54,6 +54,13 @@ typedef struct bench_case {
                           default whatever --n says (--case NAME --n N still sets it) */
 } bench_case;
 
+/* A spin-wait hint (the x86 `pause`; nothing elsewhere). */
+static inline void bench_pause(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
 static inline int64_t bench_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);

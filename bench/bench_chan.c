@@ -16,11 +16,18 @@
                            item; blocked_send_frac / blocked_time_frac are measured as the Go
                            peer does (try_send, and on CONC_WOULD_BLOCK time the blocking
                            send), stats_* are what conc_chan_stats_get says
+     floor_atomic_pingpong not conc.h: two threads pass one atomic word back and forth,
+                           spinning. The round trip no design on two OS threads can beat on
+                           this machine (compare unbuf_pingpong); it also shows the machine's
+                           mode (two vCPUs sharing a host core make it several times faster)
      idle_wait_500ms       one thread blocked in conc_chan_recv until its context's deadline
                            (N ms, default 500); ns_op is the wall time, cpu_ms the CPU that
                            thread burnt (target: under 20 ms) */
 #define CONC_IMPLEMENTATION
 #include "conc.h"
+
+#include <sched.h>
+#include <stdatomic.h>
 
 #include "bench.h"
 
@@ -345,6 +352,46 @@ static int case_backpressure(int64_t n, bench_out *out) {
     return 0;
 }
 
+/* ---- floor_atomic_pingpong ------------------------------------------------------------ */
+
+typedef struct {
+    _Alignas(64) _Atomic int64_t turn; /* 2k: the main thread's move k; 2k+1: the echo's */
+    int64_t n;
+} floor_arg;
+
+/* pause, and past a while yield: with one CPU the peer must get it to move */
+static void floor_spin(int i) {
+    if (i < 4096) bench_pause();
+    else sched_yield();
+}
+
+static void *floor_echo(void *p) {
+    floor_arg *a = p;
+    int64_t n = a->n;
+    for (int64_t k = 0; k < n; k++) {
+        for (int i = 0; atomic_load_explicit(&a->turn, memory_order_acquire) != 2 * k + 1; i++) floor_spin(i);
+        atomic_store_explicit(&a->turn, 2 * k + 2, memory_order_release);
+    }
+    return NULL;
+}
+
+static int case_floor_atomic_pingpong(int64_t n, bench_out *out) {
+    static floor_arg a; /* static: its own line, away from this thread's stack */
+    atomic_store(&a.turn, 0);
+    a.n = n;
+    pthread_t t;
+    if (bench_spawn(&t, floor_echo, &a)) return 1;
+    int64_t t0 = bench_now();
+    for (int64_t k = 0; k < n; k++) {
+        atomic_store_explicit(&a.turn, 2 * k + 1, memory_order_release);
+        for (int i = 0; atomic_load_explicit(&a.turn, memory_order_acquire) != 2 * k + 2; i++) floor_spin(i);
+    }
+    out->elapsed_ns = bench_now() - t0;
+    out->ops = n;
+    pthread_join(t, NULL);
+    return 0;
+}
+
 /* ---- idle_wait_500ms ------------------------------------------------------------------- */
 
 typedef struct {
@@ -412,6 +459,7 @@ static const bench_case cases[] = {
     {"select2_cap64", 4000000, case_select2_cap64, 0},
     {"select2_unbuf", 2000000, case_select2_unbuf, 0},
     {"backpressure_2p1c_cap64_1us", 400000, case_backpressure, 0},
+    {"floor_atomic_pingpong", 2000000, case_floor_atomic_pingpong, 0},
     {"idle_wait_500ms", 500, case_idle_wait, 1},
 };
 
