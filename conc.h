@@ -4268,12 +4268,14 @@ typedef struct conc__worker {
     struct conc__core *core;    /* immutable */
     conc__thread *thread;       /* (core.mu) set once started; joined by the core's joiner */
     struct conc__worker *next;  /* (core.mu) core.all */
+    _Atomic uint64_t finished;  /* tasks this worker ran: written by it only (relaxed) */
 } conc__worker;
 
 typedef struct conc__core {
     conc__spinlock mu;
     conc__wq idle;              /* (mu) waiting workers, LIFO */
     conc__wq blocked;           /* (mu) blocked submitters, FIFO; elem -> their conc__job */
+    conc__wq drained;           /* (mu) waits for active to reach 0 */
     int64_t limit;              /* (mu) most jobs active at once; -1: none */
     int64_t active;             /* (mu) jobs handed to workers, not finished */
     size_t nworkers;            /* (mu) started and not yet left */
@@ -4285,13 +4287,13 @@ typedef struct conc__core {
     const char *purpose, *file; /* immutable: for the thread registry */
     int line;
     /* statistics (mu) */
-    uint64_t submitted, blocked_n, threads;
+    uint64_t submitted, blocked_n, threads, drain_waits;
     _Atomic int64_t blocked_ns; /* added without mu by submits that were granted */
 } conc__core;
 
 /* ---- the engine ---- */
 
-static void conc__group_task_done(struct conc__core *core, const conc__job *job, int rc);
+static void conc__group_task_done(struct conc__core *core, conc__worker *wk, const conc__job *job, int rc);
 
 /* mu held. Tries to accept *job without blocking. 0: accepted (*wake: a worker claimed for
    it, or *spawn: start a worker with it); else CONC_SHUTDOWN or CONC_WOULD_BLOCK. */
@@ -4351,8 +4353,19 @@ static bool conc__core_next_locked(conc__core *c, conc__job *out, conc__waiter *
     return false;
 }
 
-static void conc__core_run(conc__core *c, conc__job *job) {
-    conc__group_task_done(c, job, job->fn(job->arg, c->ctx));
+static void conc__core_run(conc__core *c, conc__worker *wk, conc__job *job) {
+    conc__group_task_done(c, wk, job, job->fn(job->arg, c->ctx));
+}
+
+/* mu held: once no job is active, the waits for that are claimed (status 0) onto *wake. */
+static void conc__core_drained_locked(conc__core *c, conc__waiter **wake) {
+    conc__waiter *w;
+    if (c->active != 0) return;
+    while ((w = conc__wq_claim(&c->drained)) != NULL) {
+        w->sel->status = 0;
+        w->next = *wake;
+        *wake = w;
+    }
 }
 
 static void conc__worker_main(void *arg) {
@@ -4361,16 +4374,18 @@ static void conc__worker_main(void *arg) {
     conc__job job = wk->job; /* a worker started for a job (groups) has it already */
     bool have = job.fn != NULL;
     for (;;) {
-        conc__waiter *wake = NULL;
-        if (have) conc__core_run(c, &job);
+        conc__waiter *wake = NULL, *drained = NULL;
+        if (have) conc__core_run(c, wk, &job);
         conc__spin_lock(&c->mu);
         {
             if (have) c->active--;
             have = conc__core_next_locked(c, &job, &wake);
+            conc__core_drained_locked(c, &drained);
             if (!have) {
                 if (c->shutting) {
                     c->nworkers--;
                     conc__spin_unlock(&c->mu);
+                    conc__wake_list(drained);
                     break;
                 }
                 conc__sel_init(&wk->s);
@@ -4382,6 +4397,7 @@ static void conc__worker_main(void *arg) {
         }
         conc__spin_unlock(&c->mu);
         if (wake) conc__sel_wake(wake->sel);
+        conc__wake_list(drained);
         if (!have) {
             conc__sel_park(&wk->s);
             int st = wk->s.status;
@@ -4404,6 +4420,7 @@ static int conc__core_start_worker(conc__core *c, const conc__job *first) {
     conc__worker *wk = (conc__worker *)CONC_MALLOC(sizeof *wk);
     if (!wk) return CONC_NOMEM;
     memset(wk, 0, sizeof *wk);
+    CONC__UNCHECKED(&wk->finished); /* read by conc_group_stats_get without the worker's sync */
     wk->core = c;
     if (first) wk->job = *first;
     conc_wg_add(c->live, 1);
@@ -4430,6 +4447,7 @@ static int conc__core_start_worker(conc__core *c, const conc__job *first) {
     conc__spin_unlock(&c->mu);
     if (rc != 0) {
         conc_wg_done(c->live);
+        CONC__CHECKED(&wk->finished);
         CONC_FREE(wk);
     }
     return rc;
@@ -4495,6 +4513,7 @@ static void conc__core_join(conc__core *c) {
     while (all) {
         conc__worker *next = all->next;
         conc__thread_join(all->thread);
+        CONC__CHECKED(&all->finished);
         CONC_FREE(all);
         all = next;
     }
@@ -4542,7 +4561,7 @@ retry:
                limit must not wait for an unrelated task to end (which may wait for its
                caller): it tries again - an idle worker, a thread start of its own (which
                may fail in turn, and pass the slot on the same way), or the queue. */
-            conc__waiter *w = NULL;
+            conc__waiter *w = NULL, *drained = NULL;
             conc__spin_lock(&c->mu);
             {
                 c->nworkers--;
@@ -4550,22 +4569,26 @@ retry:
                 c->submitted--;
                 if (c->limit < 0 || c->active < c->limit) w = conc__wq_claim(&c->blocked);
                 if (w) w->sel->status = CONC__CORE_RETRY;
+                else conc__core_drained_locked(c, &drained);
             }
             conc__spin_unlock(&c->mu);
             if (w) conc__sel_wake(w->sel);
+            conc__wake_list(drained);
         }
     }
     return rc;
 }
 
 /* ---- groups ---- */
-/* x/sync/errgroup on the engine above: no queue, no fixed worker count (a go that finds no waiting worker and is under the limit starts one; workers stay for
-   the next tasks until the group is freed, so threads are reused), and active bounded by
-   the limit. `tasks` counts tasks accepted and not finished; wait waits for it to reach 0.
+/* x/sync/errgroup on the engine above: no queue, no fixed worker count (a go that finds
+   no waiting worker and is under the limit starts one; workers stay for the next tasks
+   until the group is freed, so threads are reused), and active bounded by the limit. A
+   wait waits for active to reach 0 (queued on the core's `drained`: no counter of its own
+   that the submitter and the workers would pass between them on every task).
 
    Invariants:
-   - A task's outcome is recorded (emu) before its tasks count is dropped, so a wait that
-     sees 0 sees every error; first is set once, by the first non-zero outcome, and the
+   - A task's outcome is recorded (emu) before its worker drops active under core.mu, so a
+     wait that sees 0 sees every error; first is set once, by the first non-zero outcome, and the
      group's context is cancelled with it as the cause right after (outside emu).
    - limit changes only while no task is accepted and unfinished and no go waits
      (set_limit refuses otherwise), so a worker only compares active with it; a worker
@@ -4575,15 +4598,14 @@ retry:
 
 struct conc_group {
     conc__core core;        /* first: the worker's core pointer casts back */
-    conc_wg_t *tasks;       /* accepted, not finished */
     pthread_mutex_t emu;
     int first;              /* (emu) the first error, 0 if none */
     conc_group_error *errs; /* (emu) every error, in the order they were recorded */
     size_t nerr, errcap;    /* (emu) */
-    _Atomic uint64_t finished, failed; /* counted without emu: most tasks take no lock */
+    _Atomic uint64_t failed; /* counted without emu (finished: per worker) */
 };
 
-static void conc__group_task_done(conc__core *core, const conc__job *job, int rc) {
+static void conc__group_task_done(conc__core *core, conc__worker *wk, const conc__job *job, int rc) {
     conc_group_t *g = (conc_group_t *)(void *)core;
     bool first = false;
     if (rc != 0) {
@@ -4612,9 +4634,20 @@ static void conc__group_task_done(conc__core *core, const conc__job *job, int rc
         }
         CONC__UNLOCK(&g->emu);
     }
-    atomic_fetch_add_explicit(&g->finished, 1, CONC__RELAXED);
+    atomic_store_explicit(&wk->finished, atomic_load_explicit(&wk->finished, CONC__RELAXED) + 1, CONC__RELAXED);
     if (first) conc_ctx_cancel_cause(core->ctx, rc);
-    conc_wg_done(g->tasks);
+}
+
+/* Blocks until no task is active (each task's outcome was recorded before its worker
+   dropped active under core.mu), or ctx ends. */
+static int conc__group_drain(conc_group_t *g, conc_ctx_t *ctx) {
+    conc__core *c = &g->core;
+    conc__spin_lock(&c->mu);
+    if (c->active == 0) {
+        conc__spin_unlock(&c->mu);
+        return 0;
+    }
+    return conc__block_queued(&c->mu, &c->drained, NULL, ctx, NULL, NULL, &c->drain_waits, NULL, NULL, NULL);
 }
 
 CONC_API conc_group_t *conc_group_new_at(conc_ctx_t *parent, const char *file, int line) {
@@ -4625,24 +4658,16 @@ CONC_API conc_group_t *conc_group_new_at(conc_ctx_t *parent, const char *file, i
         CONC_FREE(g);
         return NULL;
     }
-    if (!(g->tasks = conc_wg_new())) {
-        conc__core_destroy(&g->core);
-        CONC_FREE(g);
-        return NULL;
-    }
     conc__mutex_init(&g->emu);
-    CONC__UNCHECKED(&g->finished);
     CONC__UNCHECKED(&g->failed);
     return g;
 }
 
 CONC_API void conc_group_free(conc_group_t *g) {
     if (!g) return;
-    conc_wg_wait(g->tasks, NULL);
+    conc__group_drain(g, NULL);
     conc__core_destroy(&g->core);
-    conc_wg_free(g->tasks);
     pthread_mutex_destroy(&g->emu);
-    CONC__CHECKED(&g->finished);
     CONC__CHECKED(&g->failed);
     CONC_FREE(g->errs);
     CONC_FREE(g);
@@ -4652,8 +4677,7 @@ CONC_API int conc_group_set_limit(conc_group_t *g, int64_t n) {
     int rc = 0;
     if (!g) return CONC_INVALID;
     conc__spin_lock(&g->core.mu);
-    /* tasks, not active: a finished task's worker may not have relocked yet */
-    if (conc_wg_count(g->tasks) != 0 || g->core.blocked.head != NULL) rc = CONC_BUSY;
+    if (g->core.active != 0 || g->core.blocked.head != NULL) rc = CONC_BUSY;
     else g->core.limit = n < 0 ? -1 : n;
     conc__spin_unlock(&g->core.mu);
     return rc;
@@ -4665,10 +4689,7 @@ static int conc__group_go(conc_group_t *g, conc_task_fn fn, void *arg, conc_ctx_
     job.fn = fn;
     job.arg = arg;
     job.fut = NULL;
-    conc_wg_add(g->tasks, 1); /* before the task can possibly finish */
-    int rc = conc__core_submit(&g->core, &job, ctx, block);
-    if (rc != 0) conc_wg_done(g->tasks);
-    return rc;
+    return conc__core_submit(&g->core, &job, ctx, block);
 }
 
 CONC_API int conc_group_go(conc_group_t *g, conc_task_fn fn, void *arg, conc_ctx_t *ctx) {
@@ -4688,7 +4709,7 @@ static int conc__group_first(conc_group_t *g) {
 
 CONC_API int conc_group_wait(conc_group_t *g, conc_ctx_t *ctx) {
     if (!g) return CONC_INVALID;
-    int rc = conc_wg_wait(g->tasks, ctx);
+    int rc = conc__group_drain(g, ctx);
     if (rc != 0) return rc;
     int e = conc__group_first(g);
     conc_ctx_cancel_cause(g->core.ctx, e); /* as errgroup.WithContext's Wait */
@@ -4697,9 +4718,10 @@ CONC_API int conc_group_wait(conc_group_t *g, conc_ctx_t *ctx) {
 
 CONC_API int conc_group_try_wait(conc_group_t *g) {
     if (!g) return CONC_INVALID;
-    /* conc_wg_wait's fast path, which never blocks */
-    if ((atomic_load_explicit(&g->tasks->state, CONC__ACQUIRE) >> 1) != 0) return CONC_WOULD_BLOCK;
-    CONC__HB_AFTER(&g->tasks->state);
+    conc__spin_lock(&g->core.mu);
+    int64_t active = g->core.active;
+    conc__spin_unlock(&g->core.mu);
+    if (active != 0) return CONC_WOULD_BLOCK;
     int e = conc__group_first(g);
     conc_ctx_cancel_cause(g->core.ctx, e);
     return e;
@@ -4730,9 +4752,10 @@ CONC_API void conc_group_stats_get(conc_group_t *g, conc_group_stats *out) {
         out->blocked_ns = atomic_load_explicit(&g->core.blocked_ns, CONC__RELAXED);
         out->threads = g->core.threads;
         out->running = (size_t)g->core.active;
+        for (conc__worker *w = g->core.all; w; w = w->next)
+            out->finished += atomic_load_explicit(&w->finished, CONC__RELAXED);
     }
     conc__spin_unlock(&g->core.mu);
-    out->finished = atomic_load_explicit(&g->finished, CONC__RELAXED);
     out->failed = atomic_load_explicit(&g->failed, CONC__RELAXED);
 }
 

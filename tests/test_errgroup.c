@@ -280,6 +280,66 @@ TEST(stress_many_groups_errors_and_limits) {
     }
 }
 
+/* Waits queued while tasks run: every wait without a context returns only once every task
+   accepted before it has returned (each task counts itself as its last act), waits with a
+   short deadline return CONC_DEADLINE_EXCEEDED or 0, and none is left behind. */
+typedef struct {
+    conc_group_t *g;
+    _Atomic int *done;
+    int want;   /* tasks accepted before the wait started */
+    int64_t timeout;
+    int rc, seen;
+} drain_arg;
+
+static int task_jitter_count(void *arg, conc_ctx_t *ctx) {
+    (void)ctx;
+    uint64_t seed = (uint64_t)(uintptr_t)arg;
+    jitter(&seed);
+    atomic_fetch_add((_Atomic int *)arg, 1);
+    return 0;
+}
+
+static void *drain_waiter(void *p) {
+    drain_arg *a = p;
+    conc_ctx_t *c = a->timeout ? conc_ctx_with_timeout(NULL, a->timeout) : NULL;
+    a->rc = conc_group_wait(a->g, c);
+    a->seen = atomic_load(a->done);
+    conc_ctx_release(c);
+    return NULL;
+}
+
+TEST(stress_waits_wake_when_drained) {
+    long rounds = tap_iters(200);
+    for (long r = 0; r < rounds; r++) {
+        conc_group_t *g = conc_group_new(NULL);
+        ASSERT(g != NULL);
+        if (r % 2) ASSERT_EQ(conc_group_set_limit(g, 2), 0);
+        _Atomic int done = 0;
+        int n = 6 + (int)(r % 5);
+        for (int i = 0; i < n; i++) ASSERT_EQ(conc_group_go(g, task_jitter_count, (void *)&done, NULL), 0);
+        enum { NW = 3 };
+        drain_arg a[NW];
+        pthread_t t[NW];
+        for (int k = 0; k < NW; k++) {
+            a[k] = (drain_arg){g, &done, n, k == 2 ? (int64_t)(r % 3) * 20000 : 0, -99, -1};
+            spawn(&t[k], drain_waiter, &a[k]);
+        }
+        for (int k = 0; k < NW; k++) pthread_join(t[k], NULL);
+        for (int k = 0; k < NW; k++) {
+            if (a[k].timeout) {
+                EXPECT(a[k].rc == 0 || a[k].rc == CONC_DEADLINE_EXCEEDED);
+                if (a[k].rc == 0) EXPECT_EQ(a[k].seen, n);
+            } else {
+                EXPECT_EQ(a[k].rc, 0);
+                EXPECT_EQ(a[k].seen, n);
+            }
+        }
+        EXPECT_EQ(conc_group_try_wait(g), 0);
+        conc_group_free(g);
+        if (tap__cur_failed) return;
+    }
+}
+
 /* Several tasks fail at about the same time: exactly one is first, wait returns it, the
    context's cause is it, and every error is listed. */
 TEST(stress_racing_errors) {
@@ -348,6 +408,7 @@ int main(void) {
     RUN(parent_cancel_reaches_tasks);
     RUN(set_limit_blocks_go_and_try_go);
     RUN(threads_are_reused);
+    RUN(stress_waits_wake_when_drained);
     RUN(stress_racing_errors);
     RUN(stress_go_cancel_races_limit);
     RUN(stress_many_groups_errors_and_limits);
