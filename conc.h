@@ -2845,15 +2845,16 @@ static int conc__recv_locked(conc_chan_t *ch, void *elem, conc__waiter **wake) {
     return CONC_WOULD_BLOCK;
 }
 
-/* The blocking step shared by channels and pools (both guard their queues with a
-   conc__spinlock). mu held on entry, released on return. Queues the caller on q with
-   elem, counts it in *blocked (under mu), parks until a peer claims it (the peer sets
-   the status and, for channels, moves the value) or ctx ends. On ctx's claim it unlinks
+/* The blocking step shared by channels and the group engine (its blocked submitters and
+   its waits for no active task; all guard their queues with a conc__spinlock). mu held on
+   entry, released on return. Queues the caller on q with elem, counts it in *blocked
+   (under mu; may be NULL), parks until a peer claims it (the peer sets the status and,
+   for channels, moves the value) or ctx ends. On ctx's claim it unlinks
    itself if still queued and, under mu, counts that in *canceled and adds the wait to
    *cancel_wait_ns (either may be NULL; a failed registration counts as canceled too).
    *waited (may be NULL) gets the whole wait. Returns the sel's status: 0 or the error
    the claimer set, or the ctx's err.
-   ring: the buffered channel whose queue q is (NULL for pools and unbuffered channels):
+   ring: the buffered channel whose queue q is (NULL for the engine and unbuffered channels):
    joining or leaving its queue changes the ring's RSLOW bits and marks, so it settles
    (invariants Q, M, S). wake: waiters the caller's own attempt claimed under mu, woken
    once mu is released (with whatever the settles claim). */
@@ -2884,7 +2885,7 @@ static int conc__block_queued(conc__spinlock *mu, conc__wq *q, void *elem, conc_
     op.w.elem = elem;
     op.w.case_index = 0;
     op.w.since = CONC__STAMP();
-    ++*blocked;
+    if (blocked) ++*blocked;
     if (ring) {
         conc__ring_enqueue(ring, q == &ring->sendq, &op.w);
         conc__ring_settle(ring, &wake); /* may complete us at once: then the park returns */
@@ -4287,7 +4288,7 @@ typedef struct conc__core {
     const char *purpose, *file; /* immutable: for the thread registry */
     int line;
     /* statistics (mu) */
-    uint64_t submitted, blocked_n, threads, drain_waits;
+    uint64_t submitted, blocked_n, threads;
     _Atomic int64_t blocked_ns; /* added without mu by submits that were granted */
 } conc__core;
 
@@ -4647,7 +4648,7 @@ static int conc__group_drain(conc_group_t *g, conc_ctx_t *ctx) {
         conc__spin_unlock(&c->mu);
         return 0;
     }
-    return conc__block_queued(&c->mu, &c->drained, NULL, ctx, NULL, NULL, &c->drain_waits, NULL, NULL, NULL);
+    return conc__block_queued(&c->mu, &c->drained, NULL, ctx, NULL, NULL, NULL, NULL, NULL, NULL);
 }
 
 CONC_API conc_group_t *conc_group_new_at(conc_ctx_t *parent, const char *file, int line) {
