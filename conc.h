@@ -40,6 +40,10 @@ COMPILE-TIME OPTIONS
                                   blocked thread keeps checking between sched_yield()s
                                   before it sleeps, in ns; default 20000. 0: no spinning
                                   or yielding, sleep at once.
+   #define CONC_GROUP_IDLE_NS n   (set where the implementation is compiled) how long an
+                                  error group's thread waits for a next task before it
+                                  ends, in ns; default 1 s. A burst of tasks does not keep
+                                  its threads for the rest of the group's life.
    #define CONC_NO_WAIT_TIME      (set where the implementation is compiled) leave the
                                   wait-time statistics (send_wait_ns, recv_wait_ns) at 0:
                                   they cost two clock reads per blocked operation, which
@@ -245,7 +249,8 @@ ERRGROUPS  (>>group)
      threads. Threads are started on demand and reused: a task goes to a thread that has
      finished its last task, and a new thread is started only when none waits. They are
      registered as "errgroup worker" with the file:line of the conc_group_new call (not of
-     the go that happened to start them), and joined by conc_group_free.
+     the go that happened to start them). A thread that has had no task for
+     CONC_GROUP_IDLE_NS (default 1 s) ends; conc_group_free joins the others.
    - fn returns 0 or an error: a positive code of the user's own, or a conc status. The
      first non-zero one cancels the group's context with that error as its cause
      (conc_ctx_cause) and is what conc_group_wait returns; later errors never replace it.
@@ -260,13 +265,13 @@ ERRGROUPS  (>>group)
      the task is then not started), conc_group_try_go returns CONC_WOULD_BLOCK. n < 0: no
      limit (the default); 0: no task can be added. As in Go the limit may change only while
      no task runs (CONC_BUSY otherwise; Go panics). A group whose limit is set before its
-     first go never starts more than n threads (threads started earlier without a limit
-     stay until free). A go never runs the task on the calling thread: a task may wait
+     first go never starts more than n threads at once (threads started earlier without a
+     limit stay until they have been idle for CONC_GROUP_IDLE_NS). A go never runs the task on the calling thread: a task may wait
      for something its caller does after go returns. If a thread cannot be started, that
      go returns CONC_NOMEM or CONC_SYSTEM and a go blocked on the limit tries again.
    - Without a limit every task gets a thread of its own while it runs (tasks may wait for
      each other, as goroutines may), so a burst of blocking tasks starts as many threads;
-     they stay, waiting, until conc_group_free.
+     they wait for more tasks, and each ends once idle for CONC_GROUP_IDLE_NS.
    - A group can be reused after wait (its context stays cancelled, as in Go).
    - conc_group_free(g) waits for the tasks still running, joins the threads and frees.
 
@@ -711,6 +716,7 @@ typedef struct conc_group_stats {
     uint64_t blocked;     /* go calls that waited for the limit */
     int64_t blocked_ns;   /* total time they waited */
     uint64_t threads;     /* threads ever started for the group's tasks */
+    size_t threads_live;  /* of those, how many have not ended (idle ones end, see go) */
     size_t running;       /* tasks running now */
 } conc_group_stats;
 
@@ -999,7 +1005,8 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_siz
                               first (out may be NULL with cap 0). Returns: how many there are.
    conc_group_ctx(g)          The group's context (owned by g; valid until free).
    conc_group_stats_get(g, &s)  A snapshot: tasks started, finished, failed, go calls that
-                              blocked and their total wait, threads started, tasks running.
+                              blocked and their total wait, threads started and still
+                              live, tasks running.
                               Thread safety (every >>group function but free): any thread,
                               concurrently; also from a task (a task may call go on its own
                               group; with a limit it then needs a free slot like anyone), except
@@ -1159,6 +1166,10 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_siz
 
 #ifndef CONC_SPIN_NS
 #define CONC_SPIN_NS 20000
+#endif
+
+#ifndef CONC_GROUP_IDLE_NS
+#define CONC_GROUP_IDLE_NS (1000 * 1000 * 1000) /* 1 s, as the timer thread */
 #endif
 
 /* ---- Valgrind: Helgrind does not see the happens-before edges that C11 atomics carry.
@@ -1355,7 +1366,8 @@ static int conc__ncpu(void) {
      WAITING -> the address of the owner's parker, i.e. sleeping (the owner, under that
      parker's mutex) -> DONE (the waker, under that mutex, with a signal). The waker
      touches the parker only if it found its address there, and then the owner cannot
-     leave before the waker unlocks.
+     leave before the waker unlocks. A timed park that runs out leaves park at the
+     parker's address: the owner is still asleep as far as wakers know.
    - Layout: a single send/receive's waiter and the hot words of its sel fill exactly one
      cache line, which is all a completer touches of the blocked call besides its element. */
 
@@ -1367,7 +1379,7 @@ static int conc__ncpu(void) {
 /* Each thread sleeps on its own mutex and condition variable, made once, never freed. */
 typedef struct conc__parker {
     pthread_mutex_t mu;
-    pthread_cond_t cv;
+    pthread_cond_t cv; /* on CLOCK_REALTIME: a static initializer cannot choose the clock */
 } conc__parker;
 static _Thread_local conc__parker conc__self_parker = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
@@ -1498,13 +1510,13 @@ static bool conc__sel_is_done(conc__sel *s) {
     return atomic_load_explicit(&s->park, CONC__ACQUIRE) == CONC__PARK_DONE;
 }
 
-/* Blocks until the sel is DONE. */
-static void conc__sel_park(conc__sel *s) {
-    if (conc__sel_is_done(s)) goto done;
+/* The spin phase of a park: true once the sel is DONE, false when it is time to sleep. */
+static bool conc__sel_spin(conc__sel *s) {
+    if (conc__sel_is_done(s)) return true;
 #if CONC_SPIN_NS > 0
     if (!CONC__ON_VALGRIND() && conc__ncpu() > 1) {
         for (int i = 0; i < CONC__SPIN_PAUSES; i++) {
-            if (conc__sel_is_done(s)) goto done;
+            if (conc__sel_is_done(s)) return true;
             CONC__PAUSE();
         }
         /* the budget bounds the yield phase only; it never drops so low that a peer
@@ -1514,25 +1526,72 @@ static void conc__sel_park(conc__sel *s) {
             sched_yield();
             if (conc__sel_is_done(s)) {
                 conc__spin_budget = budget * 2 < CONC_SPIN_NS ? budget * 2 : CONC_SPIN_NS;
-                goto done;
+                return true;
             }
         } while (conc_now() - t0 < budget);
         if (budget > CONC__SPIN_MIN_NS) conc__spin_budget = budget / 2;
     }
 #endif
-    conc__parker *p = &conc__self_parker;
-    CONC__HB_BEFORE(&s->park); /* the parker is published by the CAS below */
-    CONC__LOCK(&p->mu);
-    {
-        uintptr_t expect = CONC__PARK_WAITING;
-        if (atomic_compare_exchange_strong_explicit(&s->park, &expect, (uintptr_t)p, CONC__ACQ_REL, CONC__ACQUIRE)) {
-            while (atomic_load_explicit(&s->park, CONC__ACQUIRE) != CONC__PARK_DONE) pthread_cond_wait(&p->cv, &p->mu);
+    return false;
+}
+
+/* Blocks until the sel is DONE. */
+static void conc__sel_park(conc__sel *s) {
+    if (!conc__sel_spin(s)) {
+        conc__parker *p = &conc__self_parker;
+        CONC__HB_BEFORE(&s->park); /* the parker is published by the CAS below */
+        CONC__LOCK(&p->mu);
+        {
+            uintptr_t expect = CONC__PARK_WAITING;
+            if (atomic_compare_exchange_strong_explicit(&s->park, &expect, (uintptr_t)p, CONC__ACQ_REL, CONC__ACQUIRE)) {
+                while (atomic_load_explicit(&s->park, CONC__ACQUIRE) != CONC__PARK_DONE)
+                    pthread_cond_wait(&p->cv, &p->mu);
+            }
         }
+        CONC__UNLOCK(&p->mu);
     }
-    CONC__UNLOCK(&p->mu);
-done:
     CONC__HB_AFTER(s);
 }
+
+/* Blocks until the sel is DONE (true), or for about timeout_ns (false). The time-out is
+   on CLOCK_REALTIME (the parker's clock; giving every thread a CLOCK_MONOTONIC one would
+   mean an init and a destroy per thread): use it only where a wall-clock step does no
+   harm - it moves when an idle thread ends, never a deadline of the user's. On false the
+   owner is still registered asleep (park holds its parker), so a waker that claims it
+   meanwhile stores DONE under the parker's mutex and signals, as usual. The owner must
+   then settle under the lock of the queue its waiter is on: still queued means unclaimed
+   (unlink it and go: nobody will touch the sel), else call this again - it goes on
+   waiting, and sees DONE only under the mutex, so only once the waker has let go of it. */
+static bool conc__sel_park_for(conc__sel *s, int64_t timeout_ns) {
+    uintptr_t cur = atomic_load_explicit(&s->park, CONC__ACQUIRE);
+    if (cur == CONC__PARK_WAITING && conc__sel_spin(s)) goto done; /* a first call spins */
+    if (cur != CONC__PARK_DONE) {
+        conc__parker *p = &conc__self_parker;
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts = conc__timespec((int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec + timeout_ns);
+        CONC__HB_BEFORE(&s->park);
+        CONC__LOCK(&p->mu);
+        {
+            uintptr_t expect = CONC__PARK_WAITING;
+            if (cur == CONC__PARK_WAITING &&
+                !atomic_compare_exchange_strong_explicit(&s->park, &expect, (uintptr_t)p, CONC__ACQ_REL, CONC__ACQUIRE))
+                CONC_ASSERT(expect == CONC__PARK_DONE);
+            while (atomic_load_explicit(&s->park, CONC__ACQUIRE) != CONC__PARK_DONE) {
+                if (pthread_cond_timedwait(&p->cv, &p->mu, &ts) == ETIMEDOUT &&
+                    atomic_load_explicit(&s->park, CONC__ACQUIRE) != CONC__PARK_DONE) {
+                    CONC__UNLOCK(&p->mu);
+                    return false;
+                }
+            }
+        }
+        CONC__UNLOCK(&p->mu);
+    }
+done:
+    CONC__HB_AFTER(s);
+    return true;
+}
+
 
 /* ======================================================================== */
 /* >>internal: the thread registry                                          */
@@ -4255,6 +4314,10 @@ CONC_API void conc_pool_stats_get(conc_pool_t *pool, conc_pool_stats *out) {
    - active counts jobs handed to a worker and not yet finished; the limit bounds it.
      nworkers counts workers started and not yet left; `live` (a wait group) reaches 0
      once every worker has left its loop.
+   - A worker idle for CONC_GROUP_IDLE_NS leaves only if, under mu, it is still on idle
+     (so unclaimed) and its start is recorded; it moves itself from idle and all to left
+     and folds its count into finished_left. left holds at most one worker between two
+     leaves: each leaver joins those before it; the joiner joins the rest.
    - Once shutting is set nothing is accepted, no worker waits any more, blocked submitters
      were refused; workers leave.
    Lock order: core.mu -> ctx.mu (a blocked submit registers on its context under mu). No
@@ -4280,9 +4343,11 @@ typedef struct conc__core {
     int64_t limit;              /* (mu) most jobs active at once; -1: none */
     int64_t active;             /* (mu) jobs handed to workers, not finished */
     size_t nworkers;            /* (mu) started and not yet left */
+    uint64_t finished_left;     /* (mu) tasks run by workers that left while idle */
     bool shutting;              /* (mu) */
     pthread_mutex_t join_mu;    /* held by a joiner: a second shutdown returns after the first joined */
-    conc__worker *all;          /* (mu) every worker started, for the joiner */
+    conc__worker *all;          /* (mu) every worker started and not left, for the joiner */
+    conc__worker *left;         /* (mu) workers that left while idle, not yet joined */
     conc_ctx_t *ctx;            /* immutable: the jobs' context; the core's reference */
     conc_wg_t *live;            /* workers that have not left their loop */
     const char *purpose, *file; /* immutable: for the thread registry */
@@ -4369,6 +4434,47 @@ static void conc__core_drained_locked(conc__core *c, conc__waiter **wake) {
     }
 }
 
+/* Joins and frees workers that left while idle (a list through next). */
+static void conc__core_join_list(conc__worker *w) {
+    while (w) {
+        conc__worker *next = w->next;
+        conc__thread_join(w->thread);
+        CONC__CHECKED(&w->finished);
+        CONC_FREE(w);
+        w = next;
+    }
+}
+
+/* A worker idle for CONC_GROUP_IDLE_NS leaves: true once it has (its thread returns).
+   False: a go or the shutdown claimed it meanwhile (the claimer wakes it), or its start is
+   not recorded yet (thread NULL: its starter still holds a pointer to it); either way it
+   parks again. Under mu, a worker still on idle is unclaimed, and nobody reaches it once
+   it is off idle and off all. It waits on `left` to be joined by the next worker that
+   leaves or by the joiner, and joins those that left before it: a group keeps at most
+   one ended thread unjoined, and every thread is joined (its stack comes back, and
+   Helgrind sees its end). */
+static bool conc__worker_leave_idle(conc__core *c, conc__worker *wk) {
+    conc__spin_lock(&c->mu);
+    if (!wk->w.queued || wk->thread == NULL) {
+        conc__spin_unlock(&c->mu);
+        return false;
+    }
+    conc__wq_remove(&c->idle, &wk->w);
+    conc__worker **p = &c->all;
+    while (*p != wk) p = &(*p)->next;
+    *p = wk->next;
+    c->nworkers--;
+    c->finished_left += atomic_load_explicit(&wk->finished, CONC__RELAXED);
+    conc__worker *before = c->left;
+    wk->next = NULL;
+    c->left = wk;
+    conc__spin_unlock(&c->mu);
+    conc__sel_fini(&wk->s);
+    conc__core_join_list(before);
+    conc_wg_done(c->live); /* the last touch of c and of wk */
+    return true;
+}
+
 static void conc__worker_main(void *arg) {
     conc__worker *wk = (conc__worker *)arg;
     conc__core *c = wk->core;
@@ -4400,7 +4506,8 @@ static void conc__worker_main(void *arg) {
         if (wake) conc__sel_wake(wake->sel);
         conc__wake_list(drained);
         if (!have) {
-            conc__sel_park(&wk->s);
+            while (!conc__sel_park_for(&wk->s, CONC_GROUP_IDLE_NS))
+                if (conc__worker_leave_idle(c, wk)) return; /* its thread ends */
             int st = wk->s.status;
             conc__sel_fini(&wk->s);
             if (st != 0) { /* the shutdown claimed us: nothing is handed over */
@@ -4505,19 +4612,15 @@ static void conc__core_begin_shutdown(conc__core *c) {
 
 /* Joins every worker that has left (all of them: called once `live` is 0). */
 static void conc__core_join(conc__core *c) {
-    conc__worker *all;
+    conc__worker *all, *left;
     CONC__LOCK(&c->join_mu); /* a later joiner waits until the first has joined them all */
     conc__spin_lock(&c->mu);
     all = c->all;
-    c->all = NULL;
+    left = c->left;
+    c->all = c->left = NULL;
     conc__spin_unlock(&c->mu);
-    while (all) {
-        conc__worker *next = all->next;
-        conc__thread_join(all->thread);
-        CONC__CHECKED(&all->finished);
-        CONC_FREE(all);
-        all = next;
-    }
+    conc__core_join_list(all);
+    conc__core_join_list(left);
     CONC__UNLOCK(&c->join_mu);
 }
 
@@ -4583,8 +4686,8 @@ retry:
 /* ---- groups ---- */
 /* x/sync/errgroup on the engine above: no queue, no fixed worker count (a go that finds
    no waiting worker and is under the limit starts one; workers stay for the next tasks
-   until the group is freed, so threads are reused), and active bounded by the limit. A
-   wait waits for active to reach 0 (queued on the core's `drained`: no counter of its own
+   until idle for CONC_GROUP_IDLE_NS, so threads are reused), and active bounded by the
+   limit. A wait waits for active to reach 0 (queued on the core's `drained`: no counter of its own
    that the submitter and the workers would pass between them on every task).
 
    Invariants:
@@ -4753,6 +4856,8 @@ CONC_API void conc_group_stats_get(conc_group_t *g, conc_group_stats *out) {
         out->blocked_ns = atomic_load_explicit(&g->core.blocked_ns, CONC__RELAXED);
         out->threads = g->core.threads;
         out->running = (size_t)g->core.active;
+        out->threads_live = g->core.nworkers;
+        out->finished = g->core.finished_left;
         for (conc__worker *w = g->core.all; w; w = w->next)
             out->finished += atomic_load_explicit(&w->finished, CONC__RELAXED);
     }
