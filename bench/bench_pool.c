@@ -15,9 +15,16 @@
      errgroup_limit2_1M_empty / errgroup_limit2_1M_1us
                              one task through conc_group_go with conc_group_set_limit(2),
                              then conc_group_wait
+     floor_handoff2_empty / floor_handoff2_1us
+                             not conc.h: the least a hand-off from one thread to 2 worker
+                             threads costs on this machine (see below); the floor under
+                             the four cases above
    Extras: blocked_frac (submits that had to wait), threads (threads the group started). */
 #define CONC_IMPLEMENTATION
 #include "conc.h"
+
+#include <sched.h>
+#include <stdatomic.h>
 
 #include "bench.h"
 
@@ -127,12 +134,88 @@ static int group_case(int64_t n, conc_task_fn fn, bench_out *out) {
 static int case_group_empty(int64_t n, bench_out *out) { return group_case(n, job_empty, out); }
 static int case_group_1us(int64_t n, bench_out *out) { return group_case(n, job_1us, out); }
 
+/* ---- floor_handoff2_empty / floor_handoff2_1us ------------------------------------------ */
+/* Not conc.h: the least that handing each task from one thread to one of 2 worker threads
+   costs here. Each worker owns one cache line, its mailbox: a sequence word and the task.
+   The main thread gives each task to the first free worker with a plain release store and
+   the worker hands the mailbox back the same way: no lock, no queue, no read-modify-write,
+   no limit to check, and nobody ever sleeps, so no wake-up is paid. Waiting is what conc.h
+   does before it sleeps: `pause` for a while, then sched_yield() so that a thread sharing
+   the vCPU can run (three threads, two vCPUs).
+
+   Whatever a pool or an errgroup must do besides - more than one submitter, a context per
+   blocked call, sleeping when idle, shutdown, statistics - only adds to this. If this floor
+   is above Go's figure for a case, no design on OS threads meets that target on this
+   machine in its current mode (see floor_atomic_pingpong in bench_chan). */
+enum { FLOOR_WORKERS = 2, FLOOR_PAUSES = 128 };
+
+typedef struct {
+    _Alignas(64) _Atomic int64_t seq; /* 2k: free, k tasks done; 2k+1: task k+1 given */
+    int (*fn)(void *, conc_ctx_t *);  /* written before seq goes odd */
+    _Atomic bool stop;
+} floor_mailbox;
+
+static floor_mailbox floor_box[FLOOR_WORKERS];
+
+static void floor_wait(int i) {
+    if (i < FLOOR_PAUSES) bench_pause();
+    else sched_yield();
+}
+
+static void *floor_worker(void *p) {
+    floor_mailbox *m = p;
+    for (int64_t k = 0;; k++) {
+        for (int i = 0; atomic_load_explicit(&m->seq, memory_order_acquire) != 2 * k + 1; i++) {
+            if (atomic_load_explicit(&m->stop, memory_order_relaxed)) return NULL;
+            floor_wait(i);
+        }
+        m->fn(NULL, NULL);
+        atomic_store_explicit(&m->seq, 2 * k + 2, memory_order_release);
+    }
+}
+
+static int floor_case(int64_t n, conc_task_fn fn, bench_out *out) {
+    bench_ran_reset();
+    pthread_t t[FLOOR_WORKERS];
+    int64_t given[FLOOR_WORKERS] = {0}; /* the main thread's own copy of each mailbox's count */
+    for (int w = 0; w < FLOOR_WORKERS; w++) {
+        atomic_store(&floor_box[w].seq, 0);
+        atomic_store(&floor_box[w].stop, false);
+        if (bench_spawn(&t[w], floor_worker, &floor_box[w])) return 1;
+    }
+    int64_t t0 = bench_now();
+    int w = 0;
+    for (int64_t k = 0; k < n; k++) {
+        for (int i = 0; atomic_load_explicit(&floor_box[w].seq, memory_order_acquire) != 2 * given[w]; i++) {
+            w = (w + 1) % FLOOR_WORKERS; /* the next worker may be free first */
+            floor_wait(i);
+        }
+        floor_box[w].fn = fn;
+        atomic_store_explicit(&floor_box[w].seq, 2 * given[w] + 1, memory_order_release);
+        given[w]++;
+        w = (w + 1) % FLOOR_WORKERS;
+    }
+    for (w = 0; w < FLOOR_WORKERS; w++)
+        for (int i = 0; atomic_load_explicit(&floor_box[w].seq, memory_order_acquire) != 2 * given[w]; i++) floor_wait(i);
+    out->elapsed_ns = bench_now() - t0;
+    out->ops = n;
+    for (w = 0; w < FLOOR_WORKERS; w++) atomic_store(&floor_box[w].stop, true);
+    for (w = 0; w < FLOOR_WORKERS; w++) pthread_join(t[w], NULL);
+    if (bench_ran_total() != n) return bench_fail("ran %lld of %lld", (long long)bench_ran_total(), (long long)n);
+    return 0;
+}
+
+static int case_floor_empty(int64_t n, bench_out *out) { return floor_case(n, job_empty, out); }
+static int case_floor_1us(int64_t n, bench_out *out) { return floor_case(n, job_1us, out); }
+
 static const bench_case cases[] = {
     {"pool2_unbuf_1M_empty", 1000000, case_pool_unbuf_empty, 0},
     {"pool2_cap64_1M_empty", 1000000, case_pool_cap64_empty, 0},
     {"pool2_unbuf_1M_1us", 1000000, case_pool_unbuf_1us, 0},
     {"errgroup_limit2_1M_empty", 1000000, case_group_empty, 0},
     {"errgroup_limit2_1M_1us", 1000000, case_group_1us, 0},
+    {"floor_handoff2_empty", 1000000, case_floor_empty, 0},
+    {"floor_handoff2_1us", 1000000, case_floor_1us, 0},
 };
 
 int main(int argc, char **argv) {
