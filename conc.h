@@ -3304,14 +3304,13 @@ CONC_API int conc_try_select(conc_case *cases, size_t n) { return conc__select(c
 /* One atomic word holds the counter and a "someone waits" bit (Go's WaitGroup keeps a
    waiter count there instead; a waiter that gives up on its context would have to
    decrement it, a bit is enough); the mutex guards only the waiter list. With nobody
-   waiting, an add is one fetch_add and a done one CAS.
+   waiting, an add or a done is one CAS.
 
    Invariants:
    - state = counter << 1 | CONC__WG_WAITERS, counter <= CONC__WG_MAX. Every change of state
-     is an atomic read-modify-write: increments are a fetch_add (they can neither reach 0
-     nor touch the bit; one that overflows CONC__WG_MAX is undone at once); decrements are a
-     CAS, so one that would take the counter below 0 is simply not done; the bit is cleared
-     with a fetch_and.
+     is an atomic read-modify-write: adds are a CAS, so one that would take the counter
+     below 0 or past CONC__WG_MAX is simply not done (no add ever sees a counter out of
+     range); the bit is cleared with a fetch_and.
    - The bit is set and cleared only under mu, and under mu: bit set <=> waiters is not
      empty (live or stale waiters: an owner unlinks its own waiter before it returns).
    - bit set => counter > 0. A waiter sets the bit only while the counter is not 0 (CAS);
@@ -3407,17 +3406,9 @@ static int conc__wg_add_slow(conc_wg_t *wg, int64_t delta) {
 
 CONC_API int conc_wg_add(conc_wg_t *wg, int64_t delta) {
     if (!wg) return CONC_INVALID;
-    if (delta > 0) {
-        /* An increment cannot reach 0 and leaves the bit alone: one fetch_add, which
-           (unlike a CAS) never retries when threads collide. The word has room for two
-           maximal counters, so an overflow is seen here and undone. */
-        if ((uint64_t)delta > CONC__WG_MAX) return CONC_INVALID;
-        CONC__HB_BEFORE(&wg->state);
-        uint64_t old = atomic_fetch_add_explicit(&wg->state, (uint64_t)delta << 1, CONC__RELEASE);
-        if ((old >> 1) <= CONC__WG_MAX - (uint64_t)delta) return 0;
-        (void)conc_wg_add(wg, -delta); /* may wake waiters that queued on the transient value */
-        return CONC_INVALID;
-    }
+    /* Increments are a CAS too, not a fetch_add undone on overflow: an overshoot would be
+       seen by other adds while it lasted (a fitting add refused, a decrement that does not
+       fit done), and two overshoots racing from CONC__WG_MAX wrap the word. */
     uint64_t s = atomic_load_explicit(&wg->state, CONC__RELAXED), nc;
     for (;;) {
         int rc = conc__wg_next(s >> 1, delta, &nc);
