@@ -515,6 +515,41 @@ TEST(limiter_accuracy) {
     EXPECT_EQ(conc_limiter_free(a.l), 0);
 }
 
+/* ---- a time to act at the end of time ---- */
+
+typedef struct cancel_later {
+    conc_ctx_t *ctx;
+    conc_limiter_t *l;
+} cancel_later;
+
+static void *cancel_when_sleeping(void *p) {
+    cancel_later *c = (cancel_later *)p;
+    while (read_books(c->l).sleepers < 1 && conc_ctx_err(c->ctx) == 0) sched_yield();
+    /* not an ordering: whenever the cancel comes, the wait must return CONC_CANCELED; the
+       pause only leaves a broken wait the time to return 0 first (it did, in ~200 us) */
+    conc_sleep(100 * CONC_MILLISECOND, c->ctx);
+    conc_ctx_cancel(c->ctx);
+    return NULL;
+}
+
+/* A rate so low that the next token's time to act is beyond INT64_MAX ns (clamped to it):
+   the wait must sleep until its ctx ends, not return 0 (conc_sleep(INT64_MAX - now) from a
+   later now overflowed its deadline into the past and fired at once). */
+TEST(limiter_wait_beyond_int64) {
+    conc_limiter_t *l = conc_limiter_new(1e-12, 1);
+    ASSERT(l != NULL);
+    EXPECT(conc_limiter_allow(l, 1));
+    cancel_later c = {conc_ctx_with_cancel(NULL), l};
+    ASSERT(c.ctx != NULL);
+    pthread_t t = spawn_thread(cancel_when_sleeping, &c);
+    int rc = conc_limiter_wait(l, 1, c.ctx);
+    if (rc == 0) conc_ctx_cancel(c.ctx); /* let the helper go: it waits for a sleeper */
+    pthread_join(t, NULL);
+    EXPECT_EQ(rc, CONC_CANCELED);
+    conc_ctx_release(c.ctx);
+    EXPECT_EQ(conc_limiter_free(l), 0);
+}
+
 int main(void) {
     RUN(limiter_new_invalid);
     RUN(limiter_allow_burst);
@@ -530,5 +565,6 @@ int main(void) {
     RUN(limiter_wait_cancel_second);
     RUN(limiter_allow_race);
     RUN(limiter_accuracy);
+    RUN(limiter_wait_beyond_int64);
     return tap_done();
 }
