@@ -4991,12 +4991,19 @@ struct conc_timer {
     int64_t period;     /* (timers.mu) 0 for a one-shot timer */
 };
 
+/* The time d ns after t, as late as INT64_MAX: a duration up to INT64_MAX means "practically
+   never", not an overflow into the past (which fired at once). d <= 0: t. */
+static int64_t conc__time_after(int64_t t, int64_t d) {
+    if (d <= 0) return t;
+    return d > INT64_MAX - t ? INT64_MAX : t + d;
+}
+
 static void conc__timer_fire(conc__tentry *e, int64_t now) {
     conc_timer_t *t = (conc_timer_t *)(void *)e;
     (void)conc_chan_try_send(t->ch, &now); /* full: the tick is dropped, as Go's Ticker */
     if (t->period > 0) {
-        int64_t next = e->when + t->period;
-        if (next <= now) next = now + t->period - (now - e->when) % t->period; /* skip missed ticks */
+        int64_t next = conc__time_after(e->when, t->period);
+        if (next <= now) next = conc__time_after(now, t->period - (now - e->when) % t->period); /* skip missed ticks */
         e->when = next;
         (void)conc__timer_add_locked(e);
     }
@@ -5014,7 +5021,7 @@ static conc_timer_t *conc__timer_new(int64_t delay, int64_t period) {
     t->period = period;
     t->e.idx = CONC__NOT_IN_HEAP;
     t->e.fire = conc__timer_fire;
-    t->e.when = conc_now() + (delay > 0 ? delay : 0);
+    t->e.when = conc__time_after(conc_now(), delay);
     if (conc__timer_add(&t->e) != 0) {
         conc_chan_free(t->ch);
         CONC_FREE(t);
@@ -5056,7 +5063,7 @@ CONC_API bool conc_timer_reset(conc_timer_t *t, int64_t delay_ns) {
     {
         active = conc__timer_stop_locked(t);
         if (t->period > 0 && delay_ns > 0) t->period = delay_ns;
-        t->e.when = conc_now() + (delay_ns > 0 ? delay_ns : 0);
+        t->e.when = conc__time_after(conc_now(), delay_ns);
         (void)conc__timer_add_locked(&t->e);
     }
     CONC__UNLOCK(&conc__timers.mu);
@@ -5096,7 +5103,7 @@ CONC_API int conc_sleep(int64_t duration_ns, conc_ctx_t *ctx) {
     sl.e.idx = CONC__NOT_IN_HEAP;
     sl.e.fire = conc__sleeper_fire;
     sl.e.fire_unlocked = false;
-    sl.e.when = conc_now() + duration_ns;
+    sl.e.when = conc__time_after(conc_now(), duration_ns);
     if (reg) {
         int e = conc__ctx_register(ctx, &cw, &s, CONC__OWN_CTX);
         if (e) {
@@ -5433,7 +5440,7 @@ CONC_API int conc_leak_check(uint64_t scope, int64_t grace_ns, conc_ctx_t *ctx, 
                              size_t *n_leaked) {
     /* as goleak: threads that are winding down get a grace period, polled with growing
        gaps (they end on their own; nothing here could be woken by it) */
-    int64_t deadline = conc_now() + (grace_ns > 0 ? grace_ns : 0);
+    int64_t deadline = conc__time_after(conc_now(), grace_ns);
     int64_t gap = CONC__LEAK_POLL_FIRST_NS;
     int rc;
     size_t n;
