@@ -3322,6 +3322,10 @@ CONC_API int conc_try_select(conc_case *cases, size_t n) { return conc__select(c
      each continues the release sequences before it; so an acquire load that reads counter
      0 (the wait fast path), or the acq_rel CAS that takes it to 0 and then wakes the
      waiters through their sel, sees every write made before every add.
+   - inside counts the blocked waits that will still lock mu: queued ones, and those their
+     context claimed until they have left (one may already be unlinked, stale, by the add
+     that took the counter to 0). The add that claims a waiter counts it out. Free refuses
+     while inside is not 0; an empty list is not enough.
    Lock order: wg.mu -> ctx.mu (a blocked wait registers on its context while holding mu). */
 
 #define CONC__WG_WAITERS ((uint64_t)1)
@@ -3331,6 +3335,7 @@ struct conc_wg {
     _Atomic uint64_t state; /* counter << 1 | CONC__WG_WAITERS; see invariants */
     pthread_mutex_t mu;     /* guards waiters and every change of the WAITERS bit */
     conc__wq waiters;       /* (mu) blocked waits, FIFO */
+    size_t inside;          /* (mu) blocked waits that will still lock mu (see invariants) */
 };
 
 CONC_API conc_wg_t *conc_wg_new(void) {
@@ -3349,7 +3354,7 @@ CONC_API int conc_wg_free(conc_wg_t *wg) {
     /* taking mu also waits out an add still emptying the list (after it unlocks, that add
        touches only the waiters' sels) */
     CONC__LOCK(&wg->mu);
-    busy = wg->waiters.head != NULL;
+    busy = wg->inside != 0;
     CONC__UNLOCK(&wg->mu);
     if (busy) return CONC_BUSY;
     pthread_mutex_destroy(&wg->mu);
@@ -3390,6 +3395,7 @@ static int conc__wg_add_slow(conc_wg_t *wg, int64_t delta) {
                     CONC__HB_AFTER(&wg->state);
                     /* stale waiters (their context won) are just unlinked */
                     while ((w = conc__wq_claim(&wg->waiters)) != NULL) {
+                        wg->inside--; /* claimed: its owner does not come back */
                         w->sel->status = 0;
                         w->next = wake;
                         wake = w;
@@ -3463,6 +3469,7 @@ static int conc__wg_block(conc_wg_t *wg, conc_ctx_t *ctx) {
     w.case_index = 0;
     w.since = 0;
     conc__wq_push(&wg->waiters, &w);
+    wg->inside++;
     CONC__UNLOCK(&wg->mu);
 
     conc__sel_park(&s);
@@ -3471,6 +3478,7 @@ static int conc__wg_block(conc_wg_t *wg, conc_ctx_t *ctx) {
         {
             if (w.queued) conc__wq_remove(&wg->waiters, &w);
             if (!wg->waiters.head) atomic_fetch_and_explicit(&wg->state, ~CONC__WG_WAITERS, CONC__RELAXED);
+            wg->inside--; /* the last touch of wg: free may run once mu is unlocked */
         }
         CONC__UNLOCK(&wg->mu);
     } else {
@@ -3515,6 +3523,10 @@ CONC_API int64_t conc_wg_count(conc_wg_t *wg) {
      its permits; a cancelled one took none, and on waking unlinks itself and, if it was
      the head, grants those behind it. A cancelled waiter still linked (stale) is unlinked
      by whoever finds it at the head.
+   - inside counts the blocked acquires that will still lock mu: queued ones, and those
+     their context claimed until they have left (one may already be unlinked, stale, by a
+     grant). A grant that claims a waiter counts it out: its owner never touches sem
+     again. Free refuses while inside is not 0; an empty queue is not enough.
    Lock order: sem.mu -> ctx.mu (a blocked acquire registers on its context under mu). */
 
 struct conc_sem {
@@ -3522,6 +3534,7 @@ struct conc_sem {
     int64_t size;     /* immutable */
     int64_t held;     /* (mu) permits acquired and not yet released */
     conc__wq waiters; /* (mu) blocked acquires, FIFO; elem -> the int64_t n asked for */
+    int64_t inside;   /* (mu) blocked acquires that will still lock mu (see invariants) */
 };
 
 CONC_API conc_sem_t *conc_sem_new(int64_t size) {
@@ -3538,7 +3551,7 @@ CONC_API int conc_sem_free(conc_sem_t *sem) {
     if (!sem) return 0;
     bool busy;
     CONC__LOCK(&sem->mu);
-    busy = sem->waiters.head != NULL; /* stale ones too: their owners will still lock mu */
+    busy = sem->inside != 0; /* cancelled ones too, linked or not: their owners will still lock mu */
     CONC__UNLOCK(&sem->mu);
     if (busy) return CONC_BUSY;
     pthread_mutex_destroy(&sem->mu);
@@ -3560,6 +3573,7 @@ static void conc__sem_grant_locked(conc_sem_t *sem, conc__waiter **wake) {
         }
         conc__wq_remove(&sem->waiters, w);
         if (!conc__sel_claim(w->sel, 0)) continue; /* cancelled meanwhile: stale */
+        sem->inside--; /* granted: its owner does not come back */
         sem->held += n;
         w->sel->status = 0;
         w->next = *wake;
@@ -3588,6 +3602,7 @@ static int conc__sem_block(conc_sem_t *sem, int64_t n, conc_ctx_t *ctx, conc__wa
     w.case_index = 0;
     w.since = 0;
     conc__wq_push(&sem->waiters, &w);
+    sem->inside++;
     CONC__UNLOCK(&sem->mu);
     conc__wake_list(wake);
 
@@ -3600,6 +3615,7 @@ static int conc__sem_block(conc_sem_t *sem, int64_t n, conc_ctx_t *ctx, conc__wa
             conc__wq_remove(&sem->waiters, &w);
             if (was_head) conc__sem_grant_locked(sem, &wake); /* let the next ones go */
         }
+        sem->inside--; /* the last touch of sem: free may run once mu is unlocked */
         CONC__UNLOCK(&sem->mu);
         conc__wake_list(wake);
     } else if (reg) {
