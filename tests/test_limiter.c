@@ -550,6 +550,31 @@ TEST(limiter_wait_beyond_int64) {
     EXPECT_EQ(conc_limiter_free(l), 0);
 }
 
+/* A deadline that has passed ends the wait with CONC_DEADLINE_EXCEEDED and takes nothing,
+   also in the moment before the timer thread marks the context ended (x/time/rate: the
+   wait limit is then negative, and even a token that is there now exceeds it). The test
+   calls wait in that moment when it can (the timer thread is usually tens of us late). */
+TEST(limiter_wait_deadline_already_passed) {
+    conc_limiter_t *l = conc_limiter_new(1e-3, 5); /* no refill to speak of during the test */
+    ASSERT(l != NULL);
+    long rounds = tap_iters(20), early = 0, granted = 0;
+    for (long k = 0; k < rounds; k++) {
+        int64_t dl = conc_now() + 20 * CONC_MICROSECOND;
+        conc_ctx_t *c = conc_ctx_with_deadline(NULL, dl);
+        ASSERT(c != NULL);
+        while (conc_now() <= dl) {
+        }
+        if (conc_ctx_err(c) == 0) early++;
+        int rc = conc_limiter_wait(l, 1, c);
+        if (rc == 0) granted++;
+        EXPECT_EQ(rc, CONC_DEADLINE_EXCEEDED);
+        conc_ctx_release(c);
+    }
+    printf("# %ld of %ld waits came before the context was marked ended; %ld granted\n", early, rounds, granted);
+    EXPECT(conc_limiter_tokens(l) > 4.99); /* nothing taken */
+    EXPECT_EQ(conc_limiter_free(l), 0);
+}
+
 int main(void) {
     RUN(limiter_new_invalid);
     RUN(limiter_allow_burst);
@@ -566,5 +591,6 @@ int main(void) {
     RUN(limiter_allow_race);
     RUN(limiter_accuracy);
     RUN(limiter_wait_beyond_int64);
+    RUN(limiter_wait_deadline_already_passed);
     return tap_done();
 }
