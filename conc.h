@@ -4965,7 +4965,10 @@ CONC_API int conc_limiter_wait(conc_limiter_t *lim, int64_t n, conc_ctx_t *ctx) 
     CONC__LOCK(&lim->mu);
     {
         now = conc__lim_time(lim, now);
-        int64_t max_wait = !has_deadline ? INT64_MAX : deadline > now ? deadline - now : 0;
+        /* negative once the deadline has passed (the ctx may not be marked ended yet): then
+           even tokens that are there now exceed it, as in x/time/rate (n == 0 and an
+           infinite rate are granted before the limit is looked at) */
+        int64_t max_wait = !has_deadline ? INT64_MAX : deadline - now;
         conc__lim_reserve_locked(lim, now, n, max_wait, &r);
         if (r.ok && r.time_to_act > now) lim->sleepers++;
     }
