@@ -3363,14 +3363,13 @@ CONC_API int conc_try_select(conc_case *cases, size_t n) { return conc__select(c
 /* One atomic word holds the counter and a "someone waits" bit (Go's WaitGroup keeps a
    waiter count there instead; a waiter that gives up on its context would have to
    decrement it, a bit is enough); the mutex guards only the waiter list. With nobody
-   waiting, an add is one fetch_add and a done one CAS.
+   waiting, an add or a done is one CAS.
 
    Invariants:
    - state = counter << 1 | CONC__WG_WAITERS, counter <= CONC__WG_MAX. Every change of state
-     is an atomic read-modify-write: increments are a fetch_add (they can neither reach 0
-     nor touch the bit; one that overflows CONC__WG_MAX is undone at once); decrements are a
-     CAS, so one that would take the counter below 0 is simply not done; the bit is cleared
-     with a fetch_and.
+     is an atomic read-modify-write: adds are a CAS, so one that would take the counter
+     below 0 or past CONC__WG_MAX is simply not done (no add ever sees a counter out of
+     range); the bit is cleared with a fetch_and.
    - The bit is set and cleared only under mu, and under mu: bit set <=> waiters is not
      empty (live or stale waiters: an owner unlinks its own waiter before it returns).
    - bit set => counter > 0. A waiter sets the bit only while the counter is not 0 (CAS);
@@ -3382,6 +3381,10 @@ CONC_API int conc_try_select(conc_case *cases, size_t n) { return conc__select(c
      each continues the release sequences before it; so an acquire load that reads counter
      0 (the wait fast path), or the acq_rel CAS that takes it to 0 and then wakes the
      waiters through their sel, sees every write made before every add.
+   - inside counts the blocked waits that will still lock mu: queued ones, and those their
+     context claimed until they have left (one may already be unlinked, stale, by the add
+     that took the counter to 0). The add that claims a waiter counts it out. Free refuses
+     while inside is not 0; an empty list is not enough.
    Lock order: wg.mu -> ctx.mu (a blocked wait registers on its context while holding mu). */
 
 #define CONC__WG_WAITERS ((uint64_t)1)
@@ -3391,6 +3394,7 @@ struct conc_wg {
     _Atomic uint64_t state; /* counter << 1 | CONC__WG_WAITERS; see invariants */
     pthread_mutex_t mu;     /* guards waiters and every change of the WAITERS bit */
     conc__wq waiters;       /* (mu) blocked waits, FIFO */
+    size_t inside;          /* (mu) blocked waits that will still lock mu (see invariants) */
 };
 
 CONC_API conc_wg_t *conc_wg_new(void) {
@@ -3409,7 +3413,7 @@ CONC_API int conc_wg_free(conc_wg_t *wg) {
     /* taking mu also waits out an add still emptying the list (after it unlocks, that add
        touches only the waiters' sels) */
     CONC__LOCK(&wg->mu);
-    busy = wg->waiters.head != NULL;
+    busy = wg->inside != 0;
     CONC__UNLOCK(&wg->mu);
     if (busy) return CONC_BUSY;
     pthread_mutex_destroy(&wg->mu);
@@ -3450,6 +3454,7 @@ static int conc__wg_add_slow(conc_wg_t *wg, int64_t delta) {
                     CONC__HB_AFTER(&wg->state);
                     /* stale waiters (their context won) are just unlinked */
                     while ((w = conc__wq_claim(&wg->waiters)) != NULL) {
+                        wg->inside--; /* claimed: its owner does not come back */
                         w->sel->status = 0;
                         w->next = wake;
                         wake = w;
@@ -3466,17 +3471,9 @@ static int conc__wg_add_slow(conc_wg_t *wg, int64_t delta) {
 
 CONC_API int conc_wg_add(conc_wg_t *wg, int64_t delta) {
     if (!wg) return CONC_INVALID;
-    if (delta > 0) {
-        /* An increment cannot reach 0 and leaves the bit alone: one fetch_add, which
-           (unlike a CAS) never retries when threads collide. The word has room for two
-           maximal counters, so an overflow is seen here and undone. */
-        if ((uint64_t)delta > CONC__WG_MAX) return CONC_INVALID;
-        CONC__HB_BEFORE(&wg->state);
-        uint64_t old = atomic_fetch_add_explicit(&wg->state, (uint64_t)delta << 1, CONC__RELEASE);
-        if ((old >> 1) <= CONC__WG_MAX - (uint64_t)delta) return 0;
-        (void)conc_wg_add(wg, -delta); /* may wake waiters that queued on the transient value */
-        return CONC_INVALID;
-    }
+    /* Increments are a CAS too, not a fetch_add undone on overflow: an overshoot would be
+       seen by other adds while it lasted (a fitting add refused, a decrement that does not
+       fit done), and two overshoots racing from CONC__WG_MAX wrap the word. */
     uint64_t s = atomic_load_explicit(&wg->state, CONC__RELAXED), nc;
     for (;;) {
         int rc = conc__wg_next(s >> 1, delta, &nc);
@@ -3531,6 +3528,7 @@ static int conc__wg_block(conc_wg_t *wg, conc_ctx_t *ctx) {
     w.case_index = 0;
     w.since = 0;
     conc__wq_push(&wg->waiters, &w);
+    wg->inside++;
     CONC__UNLOCK(&wg->mu);
 
     conc__sel_park(&s);
@@ -3539,6 +3537,7 @@ static int conc__wg_block(conc_wg_t *wg, conc_ctx_t *ctx) {
         {
             if (w.queued) conc__wq_remove(&wg->waiters, &w);
             if (!wg->waiters.head) atomic_fetch_and_explicit(&wg->state, ~CONC__WG_WAITERS, CONC__RELAXED);
+            wg->inside--; /* the last touch of wg: free may run once mu is unlocked */
         }
         CONC__UNLOCK(&wg->mu);
     } else {
@@ -3583,6 +3582,10 @@ CONC_API int64_t conc_wg_count(conc_wg_t *wg) {
      its permits; a cancelled one took none, and on waking unlinks itself and, if it was
      the head, grants those behind it. A cancelled waiter still linked (stale) is unlinked
      by whoever finds it at the head.
+   - inside counts the blocked acquires that will still lock mu: queued ones, and those
+     their context claimed until they have left (one may already be unlinked, stale, by a
+     grant). A grant that claims a waiter counts it out: its owner never touches sem
+     again. Free refuses while inside is not 0; an empty queue is not enough.
    Lock order: sem.mu -> ctx.mu (a blocked acquire registers on its context under mu). */
 
 struct conc_sem {
@@ -3590,6 +3593,7 @@ struct conc_sem {
     int64_t size;     /* immutable */
     int64_t held;     /* (mu) permits acquired and not yet released */
     conc__wq waiters; /* (mu) blocked acquires, FIFO; elem -> the int64_t n asked for */
+    int64_t inside;   /* (mu) blocked acquires that will still lock mu (see invariants) */
 };
 
 CONC_API conc_sem_t *conc_sem_new(int64_t size) {
@@ -3606,7 +3610,7 @@ CONC_API int conc_sem_free(conc_sem_t *sem) {
     if (!sem) return 0;
     bool busy;
     CONC__LOCK(&sem->mu);
-    busy = sem->waiters.head != NULL; /* stale ones too: their owners will still lock mu */
+    busy = sem->inside != 0; /* cancelled ones too, linked or not: their owners will still lock mu */
     CONC__UNLOCK(&sem->mu);
     if (busy) return CONC_BUSY;
     pthread_mutex_destroy(&sem->mu);
@@ -3628,6 +3632,7 @@ static void conc__sem_grant_locked(conc_sem_t *sem, conc__waiter **wake) {
         }
         conc__wq_remove(&sem->waiters, w);
         if (!conc__sel_claim(w->sel, 0)) continue; /* cancelled meanwhile: stale */
+        sem->inside--; /* granted: its owner does not come back */
         sem->held += n;
         w->sel->status = 0;
         w->next = *wake;
@@ -3656,6 +3661,7 @@ static int conc__sem_block(conc_sem_t *sem, int64_t n, conc_ctx_t *ctx, conc__wa
     w.case_index = 0;
     w.since = 0;
     conc__wq_push(&sem->waiters, &w);
+    sem->inside++;
     CONC__UNLOCK(&sem->mu);
     conc__wake_list(wake);
 
@@ -3668,6 +3674,7 @@ static int conc__sem_block(conc_sem_t *sem, int64_t n, conc_ctx_t *ctx, conc__wa
             conc__wq_remove(&sem->waiters, &w);
             if (was_head) conc__sem_grant_locked(sem, &wake); /* let the next ones go */
         }
+        sem->inside--; /* the last touch of sem: free may run once mu is unlocked */
         CONC__UNLOCK(&sem->mu);
         conc__wake_list(wake);
     } else if (reg) {
@@ -5063,7 +5070,10 @@ CONC_API int conc_limiter_wait(conc_limiter_t *lim, int64_t n, conc_ctx_t *ctx) 
     CONC__LOCK(&lim->mu);
     {
         now = conc__lim_time(lim, now);
-        int64_t max_wait = !has_deadline ? INT64_MAX : deadline > now ? deadline - now : 0;
+        /* negative once the deadline has passed (the ctx may not be marked ended yet): then
+           even tokens that are there now exceed it, as in x/time/rate (n == 0 and an
+           infinite rate are granted before the limit is looked at) */
+        int64_t max_wait = !has_deadline ? INT64_MAX : deadline - now;
         conc__lim_reserve_locked(lim, now, n, max_wait, &r);
         if (r.ok && r.time_to_act > now) lim->sleepers++;
     }
@@ -5105,12 +5115,19 @@ struct conc_timer {
     int64_t period;     /* (timers.mu) 0 for a one-shot timer */
 };
 
+/* The time d ns after t, as late as INT64_MAX: a duration up to INT64_MAX means "practically
+   never", not an overflow into the past (which fired at once). d <= 0: t. */
+static int64_t conc__time_after(int64_t t, int64_t d) {
+    if (d <= 0) return t;
+    return d > INT64_MAX - t ? INT64_MAX : t + d;
+}
+
 static void conc__timer_fire(conc__tentry *e, int64_t now) {
     conc_timer_t *t = (conc_timer_t *)(void *)e;
     (void)conc_chan_try_send(t->ch, &now); /* full: the tick is dropped, as Go's Ticker */
     if (t->period > 0) {
-        int64_t next = e->when + t->period;
-        if (next <= now) next = now + t->period - (now - e->when) % t->period; /* skip missed ticks */
+        int64_t next = conc__time_after(e->when, t->period);
+        if (next <= now) next = conc__time_after(now, t->period - (now - e->when) % t->period); /* skip missed ticks */
         e->when = next;
         (void)conc__timer_add_locked(e);
     }
@@ -5128,7 +5145,7 @@ static conc_timer_t *conc__timer_new(int64_t delay, int64_t period) {
     t->period = period;
     t->e.idx = CONC__NOT_IN_HEAP;
     t->e.fire = conc__timer_fire;
-    t->e.when = conc_now() + (delay > 0 ? delay : 0);
+    t->e.when = conc__time_after(conc_now(), delay);
     if (conc__timer_add(&t->e) != 0) {
         conc_chan_free(t->ch);
         CONC_FREE(t);
@@ -5170,7 +5187,7 @@ CONC_API bool conc_timer_reset(conc_timer_t *t, int64_t delay_ns) {
     {
         active = conc__timer_stop_locked(t);
         if (t->period > 0 && delay_ns > 0) t->period = delay_ns;
-        t->e.when = conc_now() + (delay_ns > 0 ? delay_ns : 0);
+        t->e.when = conc__time_after(conc_now(), delay_ns);
         (void)conc__timer_add_locked(&t->e);
     }
     CONC__UNLOCK(&conc__timers.mu);
@@ -5210,7 +5227,7 @@ CONC_API int conc_sleep(int64_t duration_ns, conc_ctx_t *ctx) {
     sl.e.idx = CONC__NOT_IN_HEAP;
     sl.e.fire = conc__sleeper_fire;
     sl.e.fire_unlocked = false;
-    sl.e.when = conc_now() + duration_ns;
+    sl.e.when = conc__time_after(conc_now(), duration_ns);
     if (reg) {
         int e = conc__ctx_register(ctx, &cw, &s, CONC__OWN_CTX);
         if (e) {
@@ -5547,7 +5564,7 @@ CONC_API int conc_leak_check(uint64_t scope, int64_t grace_ns, conc_ctx_t *ctx, 
                              size_t *n_leaked) {
     /* as goleak: threads that are winding down get a grace period, polled with growing
        gaps (they end on their own; nothing here could be woken by it) */
-    int64_t deadline = conc_now() + (grace_ns > 0 ? grace_ns : 0);
+    int64_t deadline = conc__time_after(conc_now(), grace_ns);
     int64_t gap = CONC__LEAK_POLL_FIRST_NS;
     int rc;
     size_t n;

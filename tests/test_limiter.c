@@ -515,6 +515,66 @@ TEST(limiter_accuracy) {
     EXPECT_EQ(conc_limiter_free(a.l), 0);
 }
 
+/* ---- a time to act at the end of time ---- */
+
+typedef struct cancel_later {
+    conc_ctx_t *ctx;
+    conc_limiter_t *l;
+} cancel_later;
+
+static void *cancel_when_sleeping(void *p) {
+    cancel_later *c = (cancel_later *)p;
+    while (read_books(c->l).sleepers < 1 && conc_ctx_err(c->ctx) == 0) sched_yield();
+    /* not an ordering: whenever the cancel comes, the wait must return CONC_CANCELED; the
+       pause only leaves a broken wait the time to return 0 first (it did, in ~200 us) */
+    conc_sleep(100 * CONC_MILLISECOND, c->ctx);
+    conc_ctx_cancel(c->ctx);
+    return NULL;
+}
+
+/* A rate so low that the next token's time to act is beyond INT64_MAX ns (clamped to it):
+   the wait must sleep until its ctx ends, not return 0 (conc_sleep(INT64_MAX - now) from a
+   later now overflowed its deadline into the past and fired at once). */
+TEST(limiter_wait_beyond_int64) {
+    conc_limiter_t *l = conc_limiter_new(1e-12, 1);
+    ASSERT(l != NULL);
+    EXPECT(conc_limiter_allow(l, 1));
+    cancel_later c = {conc_ctx_with_cancel(NULL), l};
+    ASSERT(c.ctx != NULL);
+    pthread_t t = spawn_thread(cancel_when_sleeping, &c);
+    int rc = conc_limiter_wait(l, 1, c.ctx);
+    if (rc == 0) conc_ctx_cancel(c.ctx); /* let the helper go: it waits for a sleeper */
+    pthread_join(t, NULL);
+    EXPECT_EQ(rc, CONC_CANCELED);
+    conc_ctx_release(c.ctx);
+    EXPECT_EQ(conc_limiter_free(l), 0);
+}
+
+/* A deadline that has passed ends the wait with CONC_DEADLINE_EXCEEDED and takes nothing,
+   also in the moment before the timer thread marks the context ended (x/time/rate: the
+   wait limit is then negative, and even a token that is there now exceeds it). The test
+   calls wait in that moment when it can (the timer thread is usually tens of us late). */
+TEST(limiter_wait_deadline_already_passed) {
+    conc_limiter_t *l = conc_limiter_new(1e-3, 5); /* no refill to speak of during the test */
+    ASSERT(l != NULL);
+    long rounds = tap_iters(20), early = 0, granted = 0;
+    for (long k = 0; k < rounds; k++) {
+        int64_t dl = conc_now() + 20 * CONC_MICROSECOND;
+        conc_ctx_t *c = conc_ctx_with_deadline(NULL, dl);
+        ASSERT(c != NULL);
+        while (conc_now() <= dl) {
+        }
+        if (conc_ctx_err(c) == 0) early++;
+        int rc = conc_limiter_wait(l, 1, c);
+        if (rc == 0) granted++;
+        EXPECT_EQ(rc, CONC_DEADLINE_EXCEEDED);
+        conc_ctx_release(c);
+    }
+    printf("# %ld of %ld waits came before the context was marked ended; %ld granted\n", early, rounds, granted);
+    EXPECT(conc_limiter_tokens(l) > 4.99); /* nothing taken */
+    EXPECT_EQ(conc_limiter_free(l), 0);
+}
+
 int main(void) {
     RUN(limiter_new_invalid);
     RUN(limiter_allow_burst);
@@ -530,5 +590,7 @@ int main(void) {
     RUN(limiter_wait_cancel_second);
     RUN(limiter_allow_race);
     RUN(limiter_accuracy);
+    RUN(limiter_wait_beyond_int64);
+    RUN(limiter_wait_deadline_already_passed);
     return tap_done();
 }

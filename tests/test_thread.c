@@ -364,6 +364,17 @@ TEST(leak_scopes_under_churn) {
     conc_ctx_release(ctx);
 }
 
+/* A grace period of INT64_MAX ("as long as it takes"; a ctx may cut it short) waits like
+   any long one: conc_now() + grace overflowed into the past and reported a leak at once. */
+TEST(leak_check_longest_grace) {
+    uint64_t scope = conc_leak_begin();
+    ASSERT_EQ(conc_go(NULL, nap_then_end, NULL), 0);
+    size_t n = 99;
+    EXPECT_EQ(conc_leak_check(scope, INT64_MAX, NULL, NULL, 0, &n), 0);
+    EXPECT_EQ(n, 0);
+    EXPECT_EQ(conc_leak_check(scope, INT64_MAX, NULL, NULL, 0, NULL), 0); /* and it has ended */
+}
+
 int main(void) {
     /* SIGUSR2 blocked before any thread starts, as SIGNALS asks */
     sigset_t set;
@@ -385,5 +396,6 @@ int main(void) {
     RUN(leak_check_cut_short_by_ctx);
     RUN(leak_check_sees_signal_thread);
     RUN(leak_scopes_under_churn);
+    RUN(leak_check_longest_grace);
     return tap_done();
 }

@@ -472,6 +472,34 @@ TEST(timer_thread_restarts_after_idle) {
     EXPECT_EQ(conc_sleep(MS, NULL), 0);
 }
 
+/* Durations up to INT64_MAX mean "practically never": conc_now() + d overflowed into the
+   past and fired at once. */
+TEST(longest_durations_do_not_wrap) {
+    conc_ctx_t *c = conc_ctx_with_timeout(NULL, 30 * MS);
+    ASSERT(c != NULL);
+    EXPECT_EQ(conc_sleep(INT64_MAX, c), CONC_DEADLINE_EXCEEDED);
+    conc_ctx_release(c);
+
+    conc_timer_t *t = conc_timer_after(INT64_MAX);
+    conc_timer_t *k = conc_timer_tick(INT64_MAX);
+    ASSERT(t != NULL && k != NULL);
+    int64_t v;
+    conc_case cs[2] = {CONC_RECV(conc_timer_chan(t), &v), CONC_RECV(conc_timer_chan(k), &v)};
+    c = conc_ctx_with_timeout(NULL, 30 * MS);
+    ASSERT(c != NULL);
+    EXPECT_EQ(conc_select(cs, 2, c), CONC_DEADLINE_EXCEEDED);
+    conc_ctx_release(c);
+    EXPECT(conc_timer_reset(t, INT64_MAX)); /* still to come */
+    c = conc_ctx_with_timeout(NULL, 30 * MS);
+    ASSERT(c != NULL);
+    EXPECT_EQ(conc_chan_recv(conc_timer_chan(t), &v, c), CONC_DEADLINE_EXCEEDED);
+    conc_ctx_release(c);
+    EXPECT(conc_timer_stop(t));
+    EXPECT(conc_timer_stop(k));
+    conc_timer_free(t);
+    conc_timer_free(k);
+}
+
 int main(void) {
     RUN(timer_chan_shape);
     RUN(after_fires_once);
@@ -487,5 +515,6 @@ int main(void) {
     RUN(many_timers_fire_in_deadline_order);
     RUN(timers_from_many_threads);
     RUN(timer_thread_restarts_after_idle);
+    RUN(longest_durations_do_not_wrap);
     return tap_done();
 }

@@ -387,6 +387,59 @@ TEST(wg_cancel_races_last_done) {
     EXPECT_EQ(bad, 0);
 }
 
+/* ---- counter limit under racing adds ---- */
+
+/* Two adds that would each take a counter of CONC__WG_MAX past the limit, at once. Each
+   must be refused and leave the counter as it was. (A fetch_add that overshoots and is
+   undone afterwards needs room for as many maximal counters as there are racing adders
+   plus one: with two, the word wraps and both undos are then refused as negative.) */
+typedef struct overflow_race {
+    conc_wg_t *wg;
+    _Atomic long go, done;
+    _Atomic int refused;
+} overflow_race;
+
+static void *overflow_adder(void *p) {
+    overflow_race *r = (overflow_race *)p;
+    for (long k = 1;; k++) {
+        long g;
+        for (int spins = 0; (g = atomic_load(&r->go)) >= 0 && g < k; spins++)
+            if (spins > 100000) sched_yield();
+        if (g < 0) return NULL;
+        if (conc_wg_add(r->wg, (int64_t)CONC__WG_MAX) == CONC_INVALID) atomic_fetch_add(&r->refused, 1);
+        atomic_store(&r->done, k);
+    }
+}
+
+TEST(wg_racing_adds_past_the_limit) {
+    overflow_race r;
+    r.wg = conc_wg_new();
+    ASSERT(r.wg != NULL);
+    atomic_init(&r.go, 0);
+    atomic_init(&r.done, 0);
+    atomic_init(&r.refused, 0);
+    pthread_t t = spawn_thread(overflow_adder, &r);
+    long n = tap_iters(20000), bad = 0;
+    ASSERT_EQ(conc_wg_add(r.wg, (int64_t)CONC__WG_MAX), 0);
+    for (long k = 1; k <= n && bad == 0; k++) {
+        atomic_store(&r.go, k);
+        if (conc_wg_add(r.wg, (int64_t)CONC__WG_MAX) == CONC_INVALID) atomic_fetch_add(&r.refused, 1);
+        while (atomic_load(&r.done) < k) sched_yield();
+        if (conc_wg_count(r.wg) != (int64_t)CONC__WG_MAX) {
+            printf("# iteration %ld: counter %lld, want %lld\n", k, (long long)conc_wg_count(r.wg),
+                   (long long)CONC__WG_MAX);
+            bad++;
+        }
+    }
+    atomic_store(&r.go, -1);
+    pthread_join(t, NULL);
+    EXPECT_EQ(bad, 0);
+    if (bad == 0) EXPECT_EQ(atomic_load(&r.refused), 2 * n);
+    /* leave the counter at 0 so free succeeds even when it went wrong */
+    conc_wg_add(r.wg, -conc_wg_count(r.wg));
+    EXPECT_EQ(conc_wg_free(r.wg), 0);
+}
+
 int main(void) {
     RUN(wg_basics);
     RUN(wg_negative_counter_is_refused);
@@ -397,5 +450,6 @@ int main(void) {
     RUN(wg_adddone_storm);
     RUN(wg_wait_races_last_done);
     RUN(wg_cancel_races_last_done);
+    RUN(wg_racing_adds_past_the_limit);
     return tap_done();
 }
