@@ -1033,7 +1033,9 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_siz
                               n < 0, n > burst with a finite rate). n == 0 returns 0 at
                               once unless ctx has ended. If ctx ends just as the tokens
                               come due, whichever came first wins: 0, or ctx's err with
-                              the tokens spent (x/time/rate does the same).
+                              the tokens spent (x/time/rate does the same). CONC_NOMEM or
+                              CONC_SYSTEM if it had to sleep and the timer (its heap, or
+                              its thread) could not be set up (the tokens given back as when ctx ends).
    conc_limiter_reserve(l, n, &r)  Takes n tokens now, on credit if need be. Never blocks.
                               Returns: 0 (conc_reservation_delay(&r) says when to act);
                               CONC_INVALID (l NULL, n < 0, n > burst: r is then not ok, its
@@ -1061,7 +1063,8 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_siz
                               dropping any buffered value. Returns as stop.
    conc_timer_free(t)         Stops and frees t. NULL is a no-op.
    conc_sleep(d, ctx)         Blocks: for d ns. Returns: 0, or the ctx's err if it ends
-                              first.
+                              first; CONC_NOMEM or CONC_SYSTEM (no sleep) if the timer (its
+                              heap, or its thread) could not be set up.
 
    ---- >>signal
    conc_signal_notify(p, sigs, n, &s)  Starts taking the n signals sigs[] (repeats allowed):
@@ -1109,7 +1112,8 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_siz
                               still running in leaked[] (may be NULL with cap 0) and puts
                               their number in *n (n may be NULL). Returns: 0 (none runs);
                               CONC_LEAKED (some still run after the grace); the ctx's err if
-                              it ended first while some still ran.
+                              it ended first while some still ran; CONC_NOMEM or CONC_SYSTEM
+                              if a pause between polls could not be timed (see conc_sleep).
                               Thread safety (>>thread): any thread, concurrently.
 
    ---- >>map
