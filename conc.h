@@ -1035,7 +1035,8 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_siz
                               come due, whichever came first wins: 0, or ctx's err with
                               the tokens spent (x/time/rate does the same). CONC_NOMEM or
                               CONC_SYSTEM if it had to sleep and the timer (its heap, or
-                              its thread) could not be set up (the tokens given back as when ctx ends).
+                              its thread) could not be set up: the tokens are given back
+                              as when ctx ends.
    conc_limiter_reserve(l, n, &r)  Takes n tokens now, on credit if need be. Never blocks.
                               Returns: 0 (conc_reservation_delay(&r) says when to act);
                               CONC_INVALID (l NULL, n < 0, n > burst: r is then not ok, its
