@@ -1115,6 +1115,8 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_siz
                               CONC_LEAKED (some still run after the grace); the ctx's err if
                               it ended first while some still ran; CONC_NOMEM or CONC_SYSTEM
                               if a pause between polls could not be timed (see conc_sleep).
+                              Called from a thread started in the scope (a conc_go thread),
+                              it counts that thread too: check from outside the scope.
                               Thread safety (>>thread): any thread, concurrently.
 
    ---- >>map
