@@ -925,6 +925,59 @@ TEST(signals_do_not_disturb_blocked_calls) {
 
 /* ---- statistics --------------------------------------------------------------------- */
 
+/* ---- the stack a blocked call used --------------------------------------------------- */
+
+/* A blocked call's waiter lives on its own stack (STYLE 15); once the call has returned,
+   that memory is the caller's again, for anything - a mutex, say. Under DRD a happens-
+   before annotation conc.h made on the waiter outlived the frame (DRD ignores
+   ANNOTATE_HAPPENS_BEFORE_FORGET_ALL, and keeps what it knows of a dead stack unless run
+   with --check-stack-var=yes), and a mutex made there later was "not a mutex". Here two
+   receives block - one woken by a sender, one by its deadline - then a mutex is made,
+   used and destroyed at every 8-byte step of the stack below. Only DRD can fail it. */
+static void *send_to_blocked_receiver(void *arg) {
+    conc_chan_t *ch = arg;
+    long v = 7;
+    EXPECT(wait_blocked(ch, 0, 1));
+    EXPECT_EQ(conc_chan_send(ch, &v, NULL), 0);
+    return NULL;
+}
+
+__attribute__((noinline)) static void block_twice(conc_chan_t *ch) {
+    long v = 0;
+    pthread_t t = spawn_thread(send_to_blocked_receiver, ch);
+    EXPECT_EQ(conc_chan_recv(ch, &v, NULL), 0);
+    EXPECT_EQ(v, 7);
+    pthread_join(t, NULL);
+    conc_ctx_t *ctx = conc_ctx_with_timeout(NULL, CONC_MILLISECOND);
+    ASSERT(ctx != NULL);
+    EXPECT_EQ(conc_chan_recv(ch, &v, ctx), CONC_DEADLINE_EXCEEDED);
+    conc_ctx_release(ctx);
+}
+
+/* Called from where block_twice was, so its array covers the frames block_twice's calls had. */
+__attribute__((noinline)) static int mutexes_over_the_stack(void) {
+    _Alignas(pthread_mutex_t) unsigned char area[16384];
+    int failed = 0;
+    for (size_t off = 0; off + sizeof(pthread_mutex_t) <= sizeof area; off += 8) {
+        pthread_mutex_t *m = (pthread_mutex_t *)(void *)(area + off);
+        if (pthread_mutex_init(m, NULL) != 0) {
+            failed++;
+            continue;
+        }
+        if (pthread_mutex_lock(m) != 0 || pthread_mutex_unlock(m) != 0) failed++;
+        if (pthread_mutex_destroy(m) != 0) failed++;
+    }
+    return failed;
+}
+
+TEST(blocked_call_leaves_its_stack_reusable) {
+    conc_chan_t *ch = conc_chan_new(sizeof(long), 0);
+    ASSERT(ch != NULL);
+    block_twice(ch);
+    EXPECT_EQ(mutexes_over_the_stack(), 0);
+    EXPECT_EQ(conc_chan_free(ch), 0);
+}
+
 TEST(stats) {
     conc_chan_t *ch = conc_chan_new(sizeof(long), 4);
     ASSERT(ch != NULL);
@@ -1025,6 +1078,7 @@ int main(void) {
     RUN(blocked_senders_fifo);
     RUN(freed_slot_completes_blocked_sender);
     RUN(signals_do_not_disturb_blocked_calls);
+    RUN(blocked_call_leaves_its_stack_reusable);
     RUN(stats);
     return tap_done();
 }
