@@ -28,33 +28,6 @@
 
 /* ---- helpers ------------------------------------------------------------------------ */
 
-enum { OP_SEND, OP_RECV };
-
-typedef struct op {
-    pthread_t th;
-    int kind;
-    conc_chan_t *ch;
-    long val;
-    int rc;
-} op;
-
-static void *op_main(void *arg) {
-    op *o = arg;
-    o->rc = o->kind == OP_SEND ? conc_chan_send(o->ch, &o->val, NULL) : conc_chan_recv(o->ch, &o->val, NULL);
-    return NULL;
-}
-
-static void op_start_blocked(op *o, int kind, conc_chan_t *ch, long val) {
-    conc_chan_stats s;
-    conc_chan_stats_get(ch, &s);
-    o->kind = kind;
-    o->ch = ch;
-    o->val = val;
-    o->rc = 12345;
-    spawn(&o->th, op_main, o);
-    EXPECT(wait_blocked(ch, s.blocked_sends + (kind == OP_SEND), s.blocked_recvs + (kind == OP_RECV)));
-}
-
 /* Thread counts for the many-thread programs: full size normally; under Valgrind
    (CONC_TEST_SCALE < 1) fewer threads, as DRD's cost grows with the thread count. */
 static int thread_count(int full, int least) {
@@ -434,7 +407,7 @@ static conc_chan_t *s3_setup(int kind, int st, op *peer, bool *has_peer) {
         break;
     case ST_READY_PEER:
         ch = conc_chan_new(sizeof(long), 0);
-        op_start_blocked(peer, kind == OP_RECV ? OP_SEND : OP_RECV, ch, 600);
+        op_start_blocked(peer, kind == OP_RECV ? OP_SEND : OP_RECV, ch, 600, NULL);
         *has_peer = true;
         break;
     case ST_BLOCK_BUF:

@@ -34,42 +34,6 @@ static void *test_malloc(size_t n) {
 
 /* ---- helpers ------------------------------------------------------------------------ */
 
-enum { OP_SEND, OP_RECV };
-
-typedef struct op {
-    pthread_t th;
-    int kind;
-    conc_chan_t *ch;
-    conc_ctx_t *ctx;
-    long val;
-    int rc;
-} op;
-
-static void *op_main(void *arg) {
-    op *o = arg;
-    o->rc = o->kind == OP_SEND ? conc_chan_send(o->ch, &o->val, o->ctx) : conc_chan_recv(o->ch, &o->val, o->ctx);
-    return NULL;
-}
-
-static void op_start(op *o, int kind, conc_chan_t *ch, long val, conc_ctx_t *ctx) {
-    o->kind = kind;
-    o->ch = ch;
-    o->ctx = ctx;
-    o->val = val;
-    o->rc = 12345;
-    spawn(&o->th, op_main, o);
-}
-
-/* Starts a plain send/recv and waits until ch counts it as blocked. */
-static void op_start_blocked(op *o, int kind, conc_chan_t *ch, long val, conc_ctx_t *ctx) {
-    conc_chan_stats s;
-    conc_chan_stats_get(ch, &s);
-    op_start(o, kind, ch, val, ctx);
-    EXPECT(wait_blocked(ch, s.blocked_sends + (kind == OP_SEND), s.blocked_recvs + (kind == OP_RECV)));
-}
-
-static void op_join(op *o) { pthread_join(o->th, NULL); }
-
 /* A select on its own thread. */
 typedef struct selop {
     pthread_t th;

@@ -87,4 +87,64 @@ static inline bool wait_blocked_long(conc_chan_t *ch, uint64_t sends, uint64_t r
     return wait_blocked_within(ch, sends, recvs, 20 * CONC_SECOND);
 }
 
+/* ---- one channel operation on its own thread ---- */
+
+enum { OP_SEND, OP_RECV };
+
+typedef struct op {
+    pthread_t th;
+    int kind;
+    conc_chan_t *ch;
+    conc_ctx_t *ctx;
+    long val; /* SEND: the value; RECV: what arrived (pre-set to a marker) */
+    int rc;
+    int done; /* set under op_mu() once the operation has returned: read it with op_done */
+} op;
+
+/* The lock `done` goes through, so Helgrind sees the edge. */
+static inline pthread_mutex_t *op_mu(void) {
+    static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+    return &mu;
+}
+
+static inline void *op_main(void *arg) {
+    op *o = arg;
+    int rc = o->kind == OP_SEND ? conc_chan_send(o->ch, &o->val, o->ctx) : conc_chan_recv(o->ch, &o->val, o->ctx);
+    o->rc = rc;
+    pthread_mutex_lock(op_mu());
+    { o->done = 1; }
+    pthread_mutex_unlock(op_mu());
+    return NULL;
+}
+
+/* Starts a send of val (OP_SEND) or a receive (OP_RECV, val the marker) on ch under ctx. */
+static inline void op_start(op *o, int kind, conc_chan_t *ch, long val, conc_ctx_t *ctx) {
+    o->kind = kind;
+    o->ch = ch;
+    o->ctx = ctx;
+    o->val = val;
+    o->rc = 12345;
+    o->done = 0;
+    spawn(&o->th, op_main, o);
+}
+
+static inline void op_join(op *o) { pthread_join(o->th, NULL); }
+
+/* Whether the operation has returned (it may not be joined yet). */
+static inline bool op_done(op *o) {
+    int d;
+    pthread_mutex_lock(op_mu());
+    { d = o->done; }
+    pthread_mutex_unlock(op_mu());
+    return d != 0;
+}
+
+/* Starts an operation and waits until ch counts it as blocked (so ops queue in order). */
+static inline void op_start_blocked(op *o, int kind, conc_chan_t *ch, long val, conc_ctx_t *ctx) {
+    conc_chan_stats s;
+    conc_chan_stats_get(ch, &s);
+    op_start(o, kind, ch, val, ctx);
+    EXPECT(wait_blocked(ch, s.blocked_sends + (kind == OP_SEND), s.blocked_recvs + (kind == OP_RECV)));
+}
+
 #endif /* CONC_TEST_UTIL_H */
