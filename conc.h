@@ -266,9 +266,10 @@ ERRGROUPS  (>>group)
      limit (the default); 0: no task can be added. As in Go the limit may change only while
      no task runs (CONC_BUSY otherwise; Go panics). A group whose limit is set before its
      first go never starts more than n threads at once (threads started earlier without a
-     limit stay until they have been idle for CONC_GROUP_IDLE_NS). A go never runs the task on the calling thread: a task may wait
-     for something its caller does after go returns. If a thread cannot be started, that
-     go returns CONC_NOMEM or CONC_SYSTEM and a go blocked on the limit tries again.
+     limit stay until they have been idle for CONC_GROUP_IDLE_NS). A go never runs the
+     task on the calling thread: a task may wait for something its caller does after go
+     returns. If a thread cannot be started, that go returns CONC_NOMEM or CONC_SYSTEM
+     and a go blocked on the limit tries again.
    - Without a limit every task gets a thread of its own while it runs (tasks may wait for
      each other, as goroutines may), so a burst of blocking tasks starts as many threads;
      they wait for more tasks, and each ends once idle for CONC_GROUP_IDLE_NS.
@@ -1549,21 +1550,34 @@ static bool conc__sel_spin(conc__sel *s) {
     return false;
 }
 
-/* Blocks until the sel is DONE. */
-static void conc__sel_park(conc__sel *s) {
-    if (!conc__sel_spin(s)) {
-        conc__parker *p = &conc__self_parker;
-        CONC__HB_BEFORE(&s->park); /* the parker is published by the CAS below */
-        CONC__LOCK(&p->mu);
-        {
-            uintptr_t expect = CONC__PARK_WAITING;
-            if (atomic_compare_exchange_strong_explicit(&s->park, &expect, (uintptr_t)p, CONC__ACQ_REL, CONC__ACQUIRE)) {
-                while (atomic_load_explicit(&s->park, CONC__ACQUIRE) != CONC__PARK_DONE)
-                    pthread_cond_wait(&p->cv, &p->mu);
+/* The sleep phase of a park: registers the owner's parker in park (unless a timed park
+   that ran out left it there) and waits under its mutex for DONE, or until *until
+   (CLOCK_REALTIME; NULL: no limit). True once DONE. */
+static bool conc__sel_sleep(conc__sel *s, const struct timespec *until) {
+    conc__parker *p = &conc__self_parker;
+    bool done = true;
+    CONC__HB_BEFORE(&s->park); /* the parker is published by the CAS below */
+    CONC__LOCK(&p->mu);
+    {
+        uintptr_t expect = CONC__PARK_WAITING; /* fails on DONE, or on p already there */
+        atomic_compare_exchange_strong_explicit(&s->park, &expect, (uintptr_t)p, CONC__ACQ_REL, CONC__ACQUIRE);
+        while (atomic_load_explicit(&s->park, CONC__ACQUIRE) != CONC__PARK_DONE) {
+            if (!until) {
+                pthread_cond_wait(&p->cv, &p->mu);
+            } else if (pthread_cond_timedwait(&p->cv, &p->mu, until) == ETIMEDOUT &&
+                       atomic_load_explicit(&s->park, CONC__ACQUIRE) != CONC__PARK_DONE) {
+                done = false; /* park keeps p: wakers still find the owner asleep */
+                break;
             }
         }
-        CONC__UNLOCK(&p->mu);
     }
+    CONC__UNLOCK(&p->mu);
+    return done;
+}
+
+/* Blocks until the sel is DONE. */
+static void conc__sel_park(conc__sel *s) {
+    if (!conc__sel_spin(s)) conc__sel_sleep(s, NULL);
     CONC__HB_AFTER(s);
 }
 
@@ -1577,31 +1591,13 @@ static void conc__sel_park(conc__sel *s) {
    (unlink it and go: nobody will touch the sel), else call this again - it goes on
    waiting, and sees DONE only under the mutex, so only once the waker has let go of it. */
 static bool conc__sel_park_for(conc__sel *s, int64_t timeout_ns) {
-    uintptr_t cur = atomic_load_explicit(&s->park, CONC__ACQUIRE);
-    if (cur == CONC__PARK_WAITING && conc__sel_spin(s)) goto done; /* a first call spins */
-    if (cur != CONC__PARK_DONE) {
-        conc__parker *p = &conc__self_parker;
+    bool asleep = atomic_load_explicit(&s->park, CONC__ACQUIRE) != CONC__PARK_WAITING; /* DONE, or ran out */
+    if (asleep || !conc__sel_spin(s)) {
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
         ts = conc__timespec((int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec + timeout_ns);
-        CONC__HB_BEFORE(&s->park);
-        CONC__LOCK(&p->mu);
-        {
-            uintptr_t expect = CONC__PARK_WAITING;
-            if (cur == CONC__PARK_WAITING &&
-                !atomic_compare_exchange_strong_explicit(&s->park, &expect, (uintptr_t)p, CONC__ACQ_REL, CONC__ACQUIRE))
-                CONC_ASSERT(expect == CONC__PARK_DONE);
-            while (atomic_load_explicit(&s->park, CONC__ACQUIRE) != CONC__PARK_DONE) {
-                if (pthread_cond_timedwait(&p->cv, &p->mu, &ts) == ETIMEDOUT &&
-                    atomic_load_explicit(&s->park, CONC__ACQUIRE) != CONC__PARK_DONE) {
-                    CONC__UNLOCK(&p->mu);
-                    return false;
-                }
-            }
-        }
-        CONC__UNLOCK(&p->mu);
+        if (!conc__sel_sleep(s, &ts)) return false;
     }
-done:
     CONC__HB_AFTER(s);
     return true;
 }
