@@ -1525,13 +1525,13 @@ static bool conc__sel_is_done(conc__sel *s) {
     return atomic_load_explicit(&s->park, CONC__ACQUIRE) == CONC__PARK_DONE;
 }
 
-/* The spin phase of a park: true once the sel is DONE, false when it is time to sleep. */
-static bool conc__sel_spin(conc__sel *s) {
-    if (conc__sel_is_done(s)) return true;
+/* Spins until ready(arg) (true), or false when it is time to sleep: the phases above. */
+CONC__ALWAYS_INLINE bool conc__spin(bool (*ready)(void *), void *arg) {
+    if (ready(arg)) return true;
 #if CONC_SPIN_NS > 0
     if (!CONC__ON_VALGRIND() && conc__ncpu() > 1) {
         for (int i = 0; i < CONC__SPIN_PAUSES; i++) {
-            if (conc__sel_is_done(s)) return true;
+            if (ready(arg)) return true;
             CONC__PAUSE();
         }
         /* the budget bounds the yield phase only; it never drops so low that a peer
@@ -1539,7 +1539,7 @@ static bool conc__sel_spin(conc__sel *s) {
         int64_t budget = conc__spin_budget, t0 = conc_now();
         do {
             sched_yield();
-            if (conc__sel_is_done(s)) {
+            if (ready(arg)) {
                 conc__spin_budget = budget * 2 < CONC_SPIN_NS ? budget * 2 : CONC_SPIN_NS;
                 return true;
             }
@@ -1549,6 +1549,11 @@ static bool conc__sel_spin(conc__sel *s) {
 #endif
     return false;
 }
+
+static bool conc__sel_ready(void *s) { return conc__sel_is_done((conc__sel *)s); }
+
+/* The spin phase of a park: true once the sel is DONE, false when it is time to sleep. */
+static bool conc__sel_spin(conc__sel *s) { return conc__spin(conc__sel_ready, s); }
 
 /* The sleep phase of a park: registers the owner's parker in park (unless a timed park
    that ran out left it there) and waits under its mutex for DONE, or until *until
@@ -4308,45 +4313,92 @@ CONC_API void conc_pool_stats_get(conc_pool_t *pool, conc_pool_stats *out) {
 /* >>group: error groups                                                    */
 /* ======================================================================== */
 /* The engine (conc__core): a set of worker threads, the waiting workers and the blocked
-   submitters, under one spinlock. It is an unbuffered channel whose receivers are the
-   workers (runtime/chan.go again), plus a limit on the jobs running at once and threads
-   started on demand: a submit hands its job straight to a waiting worker, else starts a
-   worker with it, else (at the limit) blocks; a worker that finishes takes the next job
-   straight from a blocked submitter, else waits.
+   submitters. It is an unbuffered channel whose receivers are the workers (runtime/chan.go
+   again), plus a limit on the jobs running at once and threads started on demand: a
+   submit hands its job straight to a waiting worker, else starts a worker with it, else
+   (at the limit) blocks; a worker that finishes takes the next job straight from a
+   blocked submitter, else waits.
 
-   Invariants (all under core.mu):
-   - idle holds a worker only while blocked holds no live submitter: a submit uses a
-     waiting worker before it blocks; a worker takes a blocked job before it waits.
-   - A job is accepted exactly once and then runs exactly once: it moves only under mu,
-     from the submitter's frame into a worker's slot (claiming the worker's sel) or into a
-     new worker, or is taken from a blocked submitter by a worker. A blocked submitter's
-     job moves only by claiming its sel (index 0): the claim decides between a worker
-     taking it (submit returns 0), the shutdown refusing it (CONC_SHUTDOWN) and its
-     context (the ctx's err), exactly as a channel send racing its cancellation.
-   - A waiting worker is on idle (pushed at the head: the most recently idle one is the
-     likeliest to be still spinning, so it is handed the next job and the sleepers stay
-     asleep) with a freshly initialised sel; it is claimed only by a submit (status 0, job
-     in its slot) or by the shutdown (status CONC_SHUTDOWN: leave). Nobody else registers
-     a worker anywhere, so every worker on idle is live.
-   - active counts jobs handed to a worker and not yet finished; the limit bounds it.
-     nworkers counts workers started and not yet left; `live` (a wait group) reaches 0
-     once every worker has left its loop.
-   - A worker idle for CONC_GROUP_IDLE_NS leaves only if, under mu, it is still on idle
-     (so unclaimed) and its start is recorded; it moves itself from idle and all to left
-     and folds its count into finished_left. left holds at most one worker between two
-     leaves: each leaver joins those before it; the joiner joins the rest.
-   - Once shutting is set nothing is accepted, no worker waits any more, blocked submitters
-     were refused; workers leave.
+   Boxes: the hand-off without a lock. The first CONC__BOXES workers to wait each take a
+   box of the core's (a cache line: a sel and a job) and from then on wait in it: the
+   worker "posts" the box (sel.fired back to UNFIRED, a release store), a submit claims it
+   (the sel's CAS), writes the job and wakes the worker (the park word): one line goes to
+   the submitter and back per job, which is the least any hand-off between threads costs
+   (see floor_handoff2 in bench/bench_pool.c). Workers beyond the boxes wait on `idle`
+   under mu, as every worker does while the rare cases below need the lock.
+   `flags` (a line read by every submit, written under mu) sends submits to the lock while
+   a submitter is blocked (FIFO: a newcomer must not overtake it), during a shutdown, and
+   while there are more workers than the limit allows to run at once (only then must a
+   submit count the jobs running). A worker posts its box without mu, then re-reads flags
+   after a fence; a submitter that blocks, a shutdown and a wait for no job running set
+   their flag under mu, fence, then look at the boxes: one of the two sees the other
+   (Dekker), so a job never waits in the queue beside a free box, and a posted box never
+   misses a shutdown or a wait for the last job.
+
+   Invariants (all under mu but the box protocol):
+   - A job is accepted exactly once and then runs exactly once: it moves from the
+     submitter's frame into a box or a worker's slot by claiming that sel (which makes the
+     claimer its only writer until the wake), or into a new worker, or is taken from a
+     blocked submitter by a worker, under mu. A blocked submitter's job moves only by
+     claiming its sel (index 0): the claim decides between a worker taking it (submit
+     returns 0), the shutdown refusing it (CONC_SHUTDOWN) and its context (the ctx's err),
+     exactly as a channel send racing its cancellation.
+   - A box is free (fired UNFIRED) only while its owner waits in it. It is claimed by a
+     submit (status 0, a job), by the shutdown (CONC_SHUTDOWN: leave) and by its owner,
+     under mu, to take a blocked job, to leave, or to stop waiting (CONC__BOX_SELF).
+     Unowned boxes stay claimed. given counts the jobs handed through a box (by the claimer
+     or the owner, before the owner runs it), done those its owner has finished (after
+     the outcome is recorded): given - done is 0 or 1.
+   - Jobs running = active (jobs of workers without a box: handed under mu, finished under
+     mu) + the sum over the boxes of given - done (read done first: it never passes given).
+     The limit bounds it. While nworkers <= limit (flag OVER clear) a free worker proves a
+     free slot, so the submit's lock-free path needs no count; threads are started only
+     while nworkers < limit.
+   - idle holds workers without a box, LIFO (the most recently idle is the likeliest to be
+     still spinning), each with a freshly initialised sel, claimed only by a submit (status
+     0, job in its slot) or by the shutdown (status CONC_SHUTDOWN).
+   - nworkers counts workers started and not yet left; `live` (a wait group) reaches 0 once
+     every worker has left its loop.
+   - A worker idle for idle_ns leaves only if, under mu, it is still unclaimed (off idle
+     unclaimed, or its box claimed back by itself) and its start is recorded; it moves
+     itself from all to left and folds its count into finished_left. left holds at most
+     one worker between two leaves: each leaver joins those before it; the joiner joins the
+     rest.
+   - Once shutting is set nothing is accepted but by a submit already past flags (its job
+     runs before the workers leave), no worker waits any more, blocked submitters were
+     refused; workers leave.
    Lock order: core.mu -> ctx.mu (a blocked submit registers on its context under mu). No
    user code, wake or thread start runs under mu. */
 
 struct conc__core;
 
+#define CONC__BOXES 8
+#define CONC__BOX_SELF 1   /* sel.fired of a box its owner (or nobody) holds: not free */
+#define CONC__CORE_RETRY 1 /* status of a blocked submit: a failed thread start gave back a slot; accept again */
+
+/* core.flags */
+#define CONC__CF_BLOCKED 1u /* blocked may hold a submitter: submits go through mu */
+#define CONC__CF_SHUT 2u    /* shutting */
+#define CONC__CF_DRAIN 4u   /* drained may hold a wait: a worker that finished looks under mu */
+#define CONC__CF_OVER 8u    /* limit >= 0 and nworkers > limit: submits count the jobs running */
+#define CONC__CF_CAPPED 16u /* limit >= 0 and nworkers >= limit: no thread to start, so a submit
+                               that finds no free box watches the boxes for a moment */
+
+typedef struct conc__box {
+    _Alignas(64) conc__sel s;   /* fired UNFIRED: free, its owner waits in it */
+    conc__job job;              /* written by the claimer before the wake */
+    _Atomic uint64_t given;     /* jobs handed through this box (the claimer, or the owner under mu) */
+    _Atomic uint64_t done;      /* of those, finished (the owner) */
+    _Alignas(64) conc__waiter w; /* (mu) the box on a wake list; w.sel = &s */
+    struct conc__worker *owner;  /* (mu) NULL: unowned (and claimed) */
+} conc__box;
+
 typedef struct conc__worker {
-    conc__waiter w;             /* on core.idle while waiting; w.sel = &s */
+    conc__waiter w;             /* on core.idle while waiting without a box; w.sel = &s */
     conc__sel s;                /* re-initialised for each wait */
     conc__job job;              /* written by whoever claims s with status 0 */
     struct conc__core *core;    /* immutable */
+    conc__box *box;             /* (mu; read by this worker without it) the box it waits in, or NULL */
     conc__thread *thread;       /* (core.mu) set once started; joined by the core's joiner */
     struct conc__worker *next;  /* (core.mu) core.all */
     _Atomic uint64_t finished;  /* tasks this worker ran: written by it only (relaxed) */
@@ -4354,14 +4406,15 @@ typedef struct conc__worker {
 
 typedef struct conc__core {
     conc__spinlock mu;
-    conc__wq idle;              /* (mu) waiting workers, LIFO */
+    conc__wq idle;              /* (mu) waiting workers without a box, LIFO */
     conc__wq blocked;           /* (mu) blocked submitters, FIFO; elem -> their conc__job */
-    conc__wq drained;           /* (mu) waits for active to reach 0 */
-    int64_t limit;              /* (mu) most jobs active at once; -1: none */
-    int64_t active;             /* (mu) jobs handed to workers, not finished */
+    conc__wq drained;           /* (mu) waits for no job running */
+    int64_t limit;              /* (mu) most jobs running at once; -1: none */
+    int64_t active;             /* (mu) jobs of workers without a box: handed, not finished */
     size_t nworkers;            /* (mu) started and not yet left */
     uint64_t finished_left;     /* (mu) tasks run by workers that left while idle */
     bool shutting;              /* (mu) */
+    int64_t idle_ns;            /* immutable: how long a worker waits before it ends; < 0: for ever */
     pthread_mutex_t join_mu;    /* held by a joiner: a second shutdown returns after the first joined */
     conc__worker *all;          /* (mu) every worker started and not left, for the joiner */
     conc__worker *left;         /* (mu) workers that left while idle, not yet joined */
@@ -4370,31 +4423,158 @@ typedef struct conc__core {
     const char *purpose, *file; /* immutable: for the thread registry */
     int line;
     /* statistics (mu) */
-    uint64_t submitted, blocked_n, threads;
+    uint64_t submitted, blocked_n, threads; /* submitted: jobs accepted but not through a box */
     _Atomic int64_t blocked_ns; /* added without mu by submits that were granted */
+    _Alignas(64) _Atomic unsigned flags; /* CONC__CF_*: written under mu, read by all */
+    _Atomic int nbox;           /* boxes ever owned (a prefix of box); never shrinks */
+    conc__box box[CONC__BOXES];
 } conc__core;
 
 /* ---- the engine ---- */
 
-static void conc__group_task_done(struct conc__core *core, conc__worker *wk, const conc__job *job, int rc);
-
-/* mu held. Tries to accept *job without blocking. 0: accepted (*wake: a worker claimed for
-   it, or *spawn: start a worker with it); else CONC_SHUTDOWN or CONC_WOULD_BLOCK. */
-#define CONC__CORE_RETRY 1 /* conc__core_block: a failed thread start gave back a slot; accept again */
+static void conc__core_task_done(struct conc__core *core, conc__worker *wk, const conc__job *job, int rc);
 
 static bool conc__worker_asleep(conc__worker *wk) {
     return atomic_load_explicit(&wk->s.park, CONC__RELAXED) > CONC__PARK_DONE;
 }
 
-static int conc__core_accept_locked(conc__core *c, const conc__job *job, conc__worker **wake, bool *spawn) {
+/* mu held. Sets or clears flag bits. A bit that a Dekker pair depends on (BLOCKED,
+   SHUT, DRAIN) is set with a fence after it, before the setter looks at the boxes. */
+static void conc__core_flag_locked(conc__core *c, unsigned bits, bool on) {
+    unsigned f = atomic_load_explicit(&c->flags, CONC__RELAXED);
+    unsigned nf = on ? f | bits : f & ~bits;
+    if (nf == f) return;
+    atomic_store_explicit(&c->flags, nf, CONC__SEQ_CST);
+    if (on) atomic_thread_fence(CONC__SEQ_CST);
+}
+
+/* mu held: OVER and CAPPED from limit and nworkers (call after either changes). */
+static void conc__core_limit_flags_locked(conc__core *c) {
+    bool lim = c->limit >= 0;
+    conc__core_flag_locked(c, CONC__CF_OVER, lim && (int64_t)c->nworkers > c->limit);
+    conc__core_flag_locked(c, CONC__CF_CAPPED, lim && (int64_t)c->nworkers >= c->limit);
+}
+
+/* mu held: jobs accepted and not finished (see the invariants). */
+static int64_t conc__core_running_locked(conc__core *c) {
+    int64_t n = c->active;
+    int nb = atomic_load_explicit(&c->nbox, CONC__RELAXED);
+    for (int i = 0; i < nb; i++) {
+        uint64_t d = atomic_load_explicit(&c->box[i].done, CONC__ACQUIRE);
+        n += (int64_t)(atomic_load_explicit(&c->box[i].given, CONC__RELAXED) - d);
+    }
+    return n;
+}
+
+/* mu held: may one more job run? */
+static bool conc__core_has_slot_locked(conc__core *c) {
+    return !(atomic_load_explicit(&c->flags, CONC__RELAXED) & CONC__CF_OVER) || conc__core_running_locked(c) < c->limit;
+}
+
+/* ---- boxes ---- */
+
+/* The owner makes its box free again (the last job's reads happen before the next
+   claimer's writes). Whoever must not miss this (flags) is looked for after a fence. */
+static void conc__box_post(conc__box *b) {
+    b->s.status = 0;
+    atomic_store_explicit(&b->s.park, CONC__PARK_WAITING, CONC__RELAXED);
+    CONC__HB_BEFORE(&b->job);
+    atomic_store_explicit(&b->s.fired, CONC__UNFIRED, CONC__RELEASE);
+}
+
+/* Claims a free box, preferring one whose owner is awake (waking a sleeper costs the
+   waker ~13 us); NULL if none is free. */
+static conc__box *conc__core_claim_box(conc__core *c) {
+    int nb = atomic_load_explicit(&c->nbox, CONC__ACQUIRE);
+    conc__box *sleeper = NULL;
+    for (int i = 0; i < nb; i++) {
+        conc__box *b = &c->box[i];
+        if (atomic_load_explicit(&b->s.fired, CONC__RELAXED) != CONC__UNFIRED) continue;
+        if (atomic_load_explicit(&b->s.park, CONC__RELAXED) > CONC__PARK_DONE) {
+            if (!sleeper) sleeper = b;
+        } else if (conc__sel_claim(&b->s, 0)) {
+            return b;
+        }
+    }
+    if (sleeper && conc__sel_claim(&sleeper->s, 0)) return sleeper;
+    return NULL;
+}
+
+/* The claimer of b writes what it hands over (job NULL: status only), then wakes the
+   owner (conc__sel_wake(&b->s), outside mu). */
+static void conc__box_fill(conc__box *b, const conc__job *job, int status) {
+    CONC__HB_AFTER(&b->job); /* after the owner's reads of the job before */
+    if (job) {
+        b->job = *job;
+        atomic_store_explicit(&b->given, atomic_load_explicit(&b->given, CONC__RELAXED) + 1, CONC__RELAXED);
+    }
+    b->s.status = status;
+}
+
+/* The lock-free submit: a free box, else (no thread to start) watch the boxes for as long
+   as a blocked call would spin. True once the job is handed over. */
+typedef struct conc__box_watch {
+    conc__core *c;
+    conc__box *got;
+} conc__box_watch;
+
+static bool conc__box_watch_ready(void *arg) {
+    conc__box_watch *bw = (conc__box_watch *)arg;
+    if (atomic_load_explicit(&bw->c->flags, CONC__RELAXED) != CONC__CF_CAPPED) return true; /* the lock decides */
+    bw->got = conc__core_claim_box(bw->c);
+    return bw->got != NULL;
+}
+
+static bool conc__core_submit_box(conc__core *c, const conc__job *job, bool block) {
+    unsigned f = atomic_load_explicit(&c->flags, CONC__RELAXED);
+    if (f & (CONC__CF_BLOCKED | CONC__CF_SHUT | CONC__CF_OVER)) return false;
+    conc__box_watch bw = {c, conc__core_claim_box(c)};
+    if (!bw.got && block && f == CONC__CF_CAPPED) conc__spin(conc__box_watch_ready, &bw);
+    if (!bw.got) return false;
+    conc__box_fill(bw.got, job, 0);
+    conc__sel_wake(&bw.got->s);
+    return true;
+}
+
+/* mu held: gives the worker an unowned box, if one is left. */
+static conc__box *conc__core_take_box_locked(conc__core *c, conc__worker *wk) {
+    for (int i = 0; i < CONC__BOXES; i++) {
+        conc__box *b = &c->box[i];
+        if (b->owner) continue;
+        b->owner = wk;
+        wk->box = b;
+        if (i >= atomic_load_explicit(&c->nbox, CONC__RELAXED)) atomic_store_explicit(&c->nbox, i + 1, CONC__RELEASE);
+        return b;
+    }
+    return NULL;
+}
+
+/* ---- accepting and taking jobs ---- */
+
+/* mu held. Tries to accept *job without blocking: free boxes go to blocked submitters
+   first (FIFO), then to the job; then a waiting worker without a box; then a new worker
+   (*spawn). 0: accepted (the claimed go on *wake, woken after unlocking); else
+   CONC_SHUTDOWN or CONC_WOULD_BLOCK. */
+static int conc__core_accept_locked(conc__core *c, const conc__job *job, conc__waiter **wake, bool *spawn) {
     if (c->shutting) return CONC_SHUTDOWN;
-    if (c->limit >= 0 && c->active >= c->limit) return CONC_WOULD_BLOCK;
+    for (;;) {
+        if (!conc__core_has_slot_locked(c)) return CONC_WOULD_BLOCK;
+        conc__box *b = conc__core_claim_box(c);
+        if (!b) break;
+        conc__waiter *w = conc__wq_claim(&c->blocked);
+        conc__box_fill(b, w ? (const conc__job *)w->elem : job, 0);
+        conc__wake_push(wake, &b->w);
+        if (!w) return 0;
+        w->sel->status = 0;
+        conc__wake_push(wake, w);
+    }
+    while (c->blocked.head && atomic_load_explicit(&c->blocked.head->sel->fired, CONC__RELAXED) != CONC__UNFIRED)
+        conc__wq_remove(&c->blocked, c->blocked.head); /* stale: its owner was claimed by its ctx */
+    if (c->blocked.head) return CONC_WOULD_BLOCK; /* behind the blocked ones */
     conc__waiter *iw = c->idle.head;
     if (iw) {
-        /* Waking a sleeper costs ~13 us; a spinning worker takes the job at once. So: the
-           first worker that is awake (among the first 8: spinners are recent, so near the
-           head), else the most recent sleeper. (Waiting for a busy worker to come back
-           instead of waking a sleeper was measured: slower in every pool case.) */
+        /* the first worker that is awake (among the first 8: spinners are recent, so near
+           the head), else the most recent sleeper */
         int k = 0;
         for (conc__waiter *x = iw; x && k < 8; x = x->next, k++)
             if (!conc__worker_asleep((conc__worker *)(void *)x)) {
@@ -4410,10 +4590,12 @@ static int conc__core_accept_locked(conc__core *c, const conc__job *job, conc__w
         wk->s.status = 0;
         c->active++;
         c->submitted++;
-        *wake = wk;
+        conc__wake_push(wake, iw);
         return 0;
     }
+    if (c->limit >= 0 && (int64_t)c->nworkers >= c->limit) return CONC_WOULD_BLOCK;
     c->nworkers++; /* no worker waits: start one (threads grow on demand, up to the limit) */
+    conc__core_limit_flags_locked(c);
     c->active++;
     c->submitted++;
     *spawn = true;
@@ -4421,35 +4603,47 @@ static int conc__core_accept_locked(conc__core *c, const conc__job *job, conc__w
 }
 
 /* mu held. A worker's next job: straight from the first blocked submitter, if the limit
-   allows. *wake: the submitter to wake. */
-static bool conc__core_next_locked(conc__core *c, conc__job *out, conc__waiter **wake) {
-    if (c->limit >= 0 && c->active >= c->limit) return false;
+   allows; counted in the worker's box (claimed back by it), or in active. *wake: the
+   submitter to wake. */
+static bool conc__core_next_locked(conc__core *c, conc__box *box, conc__job *out, conc__waiter **wake) {
+    if (!conc__core_has_slot_locked(c)) return false;
     conc__waiter *b = conc__wq_claim(&c->blocked);
-    if (b) {
-        *out = *(const conc__job *)b->elem;
-        b->sel->status = 0;
+    if (!b) {
+        conc__core_flag_locked(c, CONC__CF_BLOCKED, false);
+        return false;
+    }
+    *out = *(const conc__job *)b->elem;
+    b->sel->status = 0;
+    if (box) {
+        atomic_store_explicit(&box->given, atomic_load_explicit(&box->given, CONC__RELAXED) + 1, CONC__RELAXED);
+    } else {
         c->submitted++;
         c->active++;
-        *wake = b;
-        return true;
     }
-    return false;
+    conc__wake_push(wake, b);
+    return true;
 }
 
 static void conc__core_run(conc__core *c, conc__worker *wk, conc__job *job) {
-    conc__group_task_done(c, wk, job, job->fn(job->arg, c->ctx));
+    conc__core_task_done(c, wk, job, job->fn(job->arg, c->ctx));
 }
 
-/* mu held: once no job is active, the waits for that are claimed (status 0) onto *wake. */
+/* mu held: once no job runs, the waits for that are claimed (status 0) onto *wake. */
 static void conc__core_drained_locked(conc__core *c, conc__waiter **wake) {
     conc__waiter *w;
-    if (c->active != 0) return;
+    if (!c->drained.head) {
+        conc__core_flag_locked(c, CONC__CF_DRAIN, false);
+        return;
+    }
+    if (conc__core_running_locked(c) != 0) return;
     while ((w = conc__wq_claim(&c->drained)) != NULL) {
         w->sel->status = 0;
-        w->next = *wake;
-        *wake = w;
+        conc__wake_push(wake, w);
     }
+    conc__core_flag_locked(c, CONC__CF_DRAIN, false);
 }
+
+/* ---- workers ---- */
 
 /* Joins and frees workers that left while idle (a list through next). */
 static void conc__core_join_list(conc__worker *w) {
@@ -4462,25 +4656,35 @@ static void conc__core_join_list(conc__worker *w) {
     }
 }
 
-/* A worker idle for CONC_GROUP_IDLE_NS leaves: true once it has (its thread returns).
-   False: a go or the shutdown claimed it meanwhile (the claimer wakes it), or its start is
-   not recorded yet (thread NULL: its starter still holds a pointer to it); either way it
-   parks again. Under mu, a worker still on idle is unclaimed, and nobody reaches it once
-   it is off idle and off all. It waits on `left` to be joined by the next worker that
-   leaves or by the joiner, and joins those that left before it: a group keeps at most
-   one ended thread unjoined, and every thread is joined (its stack comes back, and
-   Helgrind sees its end). */
+/* mu held: the worker gives its box up and stops counting in nworkers. */
+static void conc__worker_quit_locked(conc__core *c, conc__worker *wk) {
+    if (wk->box) {
+        wk->box->owner = NULL; /* the box stays claimed: nobody hands anything to it */
+        wk->box = NULL;
+    }
+    c->nworkers--;
+    conc__core_limit_flags_locked(c);
+}
+
+/* A worker idle for idle_ns leaves: true once it has (its thread returns). False: a
+   submit or the shutdown claimed it meanwhile (the claimer wakes it), or its start is not
+   recorded yet (thread NULL: its starter still holds a pointer to it); either way it parks
+   again. Under mu, a worker still unclaimed (on idle, or its box free) can be taken off,
+   and nobody reaches it once it is off idle, its box and all. It waits on `left` to be
+   joined by the next worker that leaves or by the joiner, and joins those that left
+   before it: a group keeps at most one ended thread unjoined, and every thread is joined
+   (its stack comes back, and Helgrind sees its end). */
 static bool conc__worker_leave_idle(conc__core *c, conc__worker *wk) {
     conc__spin_lock(&c->mu);
-    if (!wk->w.queued || wk->thread == NULL) {
+    if (wk->thread == NULL || (wk->box ? !conc__sel_claim(&wk->box->s, CONC__BOX_SELF) : !wk->w.queued)) {
         conc__spin_unlock(&c->mu);
         return false;
     }
-    conc__wq_remove(&c->idle, &wk->w);
+    if (!wk->box) conc__wq_remove(&c->idle, &wk->w);
+    conc__worker_quit_locked(c, wk);
     conc__worker **p = &c->all;
     while (*p != wk) p = &(*p)->next;
     *p = wk->next;
-    c->nworkers--;
     c->finished_left += atomic_load_explicit(&wk->finished, CONC__RELAXED);
     conc__worker *before = c->left;
     wk->next = NULL;
@@ -4492,60 +4696,103 @@ static bool conc__worker_leave_idle(conc__core *c, conc__worker *wk) {
     return true;
 }
 
+/* Waits until s is claimed (true) or the worker has left for being idle (false). */
+static bool conc__worker_wait(conc__core *c, conc__worker *wk, conc__sel *s) {
+    if (c->idle_ns < 0) {
+        conc__sel_park(s);
+        return true;
+    }
+    while (!conc__sel_park_for(s, c->idle_ns))
+        if (conc__worker_leave_idle(c, wk)) return false;
+    return true;
+}
+
+/* The worker's loop. A worker with a box and nothing to settle under mu posts its box and
+   waits without the lock; else it settles under mu: drops a finished job of its own from
+   active, takes a blocked job, completes the waits for no job running, leaves on shutdown,
+   takes a box, or waits on idle. */
 static void conc__worker_main(void *arg) {
     conc__worker *wk = (conc__worker *)arg;
     conc__core *c = wk->core;
-    conc__job job = wk->job; /* a worker started for a job (groups) has it already */
-    bool have = job.fn != NULL;
+    conc__job job = wk->job; /* a worker started for a job has it already (counted in active) */
+    bool have = job.fn != NULL, boxed = false; /* boxed: the job counts in wk->box */
     for (;;) {
-        conc__waiter *wake = NULL, *drained = NULL;
-        if (have) conc__core_run(c, wk, &job);
+        conc__waiter *wake = NULL;
+        conc__box *b = wk->box;
+        bool posted = false;
+        unsigned f = 0;
+        if (have) {
+            conc__core_run(c, wk, &job);
+            if (boxed) atomic_store_explicit(&b->done, atomic_load_explicit(&b->done, CONC__RELAXED) + 1, CONC__RELEASE);
+        }
+        if (b && (!have || boxed) && !(atomic_load_explicit(&c->flags, CONC__RELAXED) & (CONC__CF_BLOCKED | CONC__CF_SHUT))) {
+            conc__box_post(b);
+            atomic_thread_fence(CONC__SEQ_CST); /* the Dekker pair with the flags' setters */
+            f = atomic_load_explicit(&c->flags, CONC__RELAXED);
+            posted = true;
+            if (!(f & (CONC__CF_BLOCKED | CONC__CF_SHUT | CONC__CF_DRAIN))) goto wait;
+        }
         conc__spin_lock(&c->mu);
         {
-            if (have) c->active--;
-            have = conc__core_next_locked(c, &job, &wake);
-            conc__core_drained_locked(c, &drained);
+            if (have && !boxed) c->active--;
+            have = false;
+            conc__core_drained_locked(c, &wake);
+            if (posted && !((f & (CONC__CF_BLOCKED | CONC__CF_SHUT)) && conc__sel_claim(&b->s, CONC__BOX_SELF))) {
+                /* posted and staying so: nothing else to settle, or the box was claimed
+                   meanwhile (a job or the shutdown is on its way) */
+                conc__spin_unlock(&c->mu);
+                conc__wake_list(wake);
+                goto wait;
+            }
+            have = conc__core_next_locked(c, b, &job, &wake);
+            boxed = have && b != NULL;
             if (!have) {
                 if (c->shutting) {
-                    c->nworkers--;
+                    conc__worker_quit_locked(c, wk);
                     conc__spin_unlock(&c->mu);
-                    conc__wake_list(drained);
+                    conc__wake_list(wake);
                     break;
                 }
-                conc__sel_init(&wk->s);
-                wk->w.sel = &wk->s;
-                wk->w.elem = &wk->job;
-                wk->w.case_index = 0;
-                conc__wq_push_front(&c->idle, &wk->w);
+                if (!b) b = conc__core_take_box_locked(c, wk);
+                if (b) {
+                    conc__box_post(b); /* under mu: every flag a post must not miss is set under mu */
+                } else {
+                    conc__sel_init(&wk->s);
+                    wk->w.sel = &wk->s;
+                    wk->w.elem = &wk->job;
+                    wk->w.case_index = 0;
+                    conc__wq_push_front(&c->idle, &wk->w);
+                }
             }
         }
         conc__spin_unlock(&c->mu);
-        if (wake) conc__sel_wake(wake->sel);
-        conc__wake_list(drained);
-        if (!have) {
-            while (!conc__sel_park_for(&wk->s, CONC_GROUP_IDLE_NS))
-                if (conc__worker_leave_idle(c, wk)) return; /* its thread ends */
-            int st = wk->s.status;
-            conc__sel_fini(&wk->s);
-            if (st != 0) { /* the shutdown claimed us: nothing is handed over */
-                conc__spin_lock(&c->mu);
-                c->nworkers--;
-                conc__spin_unlock(&c->mu);
-                break;
-            }
-            job = wk->job;
-            have = true;
+        conc__wake_list(wake);
+        if (have) continue;
+    wait:
+        b = wk->box;
+        if (!conc__worker_wait(c, wk, b ? &b->s : &wk->s)) return; /* left: its thread ends */
+        int st = b ? b->s.status : wk->s.status;
+        if (!b) conc__sel_fini(&wk->s);
+        if (st != 0) { /* the shutdown claimed us: nothing is handed over */
+            conc__spin_lock(&c->mu);
+            conc__worker_quit_locked(c, wk);
+            conc__spin_unlock(&c->mu);
+            break;
         }
+        job = b ? b->job : wk->job;
+        have = true;
+        boxed = b != NULL;
     }
     conc_wg_done(c->live); /* the last touch of c: after it the core may be freed (after a join) */
 }
 
-/* Starts one worker (with a first job, or none) and links it for the joiner. */
+/* Starts one worker (with a first job, or none) and links it for the joiner. The caller
+   counted it in nworkers (and the job in active). */
 static int conc__core_start_worker(conc__core *c, const conc__job *first) {
     conc__worker *wk = (conc__worker *)CONC_MALLOC(sizeof *wk);
     if (!wk) return CONC_NOMEM;
     memset(wk, 0, sizeof *wk);
-    CONC__UNCHECKED(&wk->finished); /* read by conc_group_stats_get without the worker's sync */
+    CONC__UNCHECKED(&wk->finished); /* read by the stats without the worker's sync */
     wk->core = c;
     if (first) wk->job = *first;
     conc_wg_add(c->live, 1);
@@ -4578,15 +4825,45 @@ static int conc__core_start_worker(conc__core *c, const conc__job *first) {
     return rc;
 }
 
-static int conc__core_init(conc__core *c, conc_ctx_t *parent, const char *purpose, const char *file, int line) {
+static void conc__core_fini_boxes(conc__core *c) {
+    for (int i = 0; i < CONC__BOXES; i++) {
+        conc__box *b = &c->box[i];
+        conc__sel_fini(&b->s);
+        CONC__HB_FORGET(&b->job);
+        CONC__CHECKED(&b->given);
+        CONC__CHECKED(&b->done);
+    }
+    CONC__CHECKED(&c->blocked_ns);
+    CONC__CHECKED(&c->flags);
+    CONC__CHECKED(&c->nbox);
+}
+
+/* c is 64-byte aligned (its flags and boxes are). */
+static int conc__core_init(conc__core *c, conc_ctx_t *parent, int64_t idle_ns, const char *purpose, const char *file,
+                           int line) {
     memset(c, 0, sizeof *c);
     c->limit = -1;
+    c->idle_ns = idle_ns;
     c->purpose = purpose;
     c->file = file;
     c->line = line;
     /* statistics and hints read without mu: Helgrind is told not to check them */
     CONC__UNCHECKED(&c->blocked_ns);
+    CONC__UNCHECKED(&c->flags);
+    CONC__UNCHECKED(&c->nbox);
     atomic_init(&c->blocked_ns, 0);
+    atomic_init(&c->flags, 0);
+    atomic_init(&c->nbox, 0);
+    for (int i = 0; i < CONC__BOXES; i++) {
+        conc__box *b = &c->box[i];
+        conc__sel_init(&b->s);
+        atomic_store_explicit(&b->s.fired, CONC__BOX_SELF, CONC__RELAXED); /* unowned: not free */
+        CONC__UNCHECKED(&b->given);
+        CONC__UNCHECKED(&b->done);
+        atomic_init(&b->given, 0);
+        atomic_init(&b->done, 0);
+        b->w.sel = &b->s;
+    }
     if (conc__spin_init(&c->mu) != 0) goto fail_mu;
     conc__mutex_init(&c->join_mu);
     if (!(c->live = conc_wg_new())) goto fail_join;
@@ -4598,7 +4875,7 @@ fail_join:
     pthread_mutex_destroy(&c->join_mu);
     conc__spin_destroy(&c->mu);
 fail_mu:
-    CONC__CHECKED(&c->blocked_ns);
+    conc__core_fini_boxes(c);
     return CONC_NOMEM;
 }
 
@@ -4608,10 +4885,10 @@ static void conc__core_begin_shutdown(conc__core *c) {
     conc__spin_lock(&c->mu);
     if (!c->shutting) {
         c->shutting = true;
+        conc__core_flag_locked(c, CONC__CF_SHUT, true); /* then the boxes (Dekker) */
         while ((w = conc__wq_claim(&c->blocked)) != NULL) {
             w->sel->status = CONC_SHUTDOWN;
-            w->next = wake;
-            wake = w;
+            conc__wake_push(&wake, w);
         }
         while ((w = c->idle.head) != NULL) {
             conc__wq_remove(&c->idle, w);
@@ -4619,8 +4896,14 @@ static void conc__core_begin_shutdown(conc__core *c) {
             CONC_ASSERT(claimed);
             (void)claimed;
             w->sel->status = CONC_SHUTDOWN;
-            w->next = wake;
-            wake = w;
+            conc__wake_push(&wake, w);
+        }
+        for (int i = 0; i < CONC__BOXES; i++) {
+            conc__box *b = &c->box[i];
+            if (b->owner && conc__sel_claim(&b->s, 0)) {
+                conc__box_fill(b, NULL, CONC_SHUTDOWN);
+                conc__wake_push(&wake, &b->w);
+            }
         }
     }
     conc__spin_unlock(&c->mu);
@@ -4649,76 +4932,80 @@ static void conc__core_destroy(conc__core *c) {
     conc_wg_free(c->live);
     pthread_mutex_destroy(&c->join_mu);
     conc__spin_destroy(&c->mu);
-    CONC__CHECKED(&c->blocked_ns);
+    conc__core_fini_boxes(c);
 }
 
-/* Blocks the caller as a submitter (mu held on entry, released on return). */
-static int conc__core_block(conc__core *c, const conc__job *job, conc_ctx_t *ctx) {
-    conc__job mine = *job; /* the waiter's elem: the granting worker copies it under mu */
-    int64_t waited;
-    int rc = conc__block_queued(&c->mu, &c->blocked, &mine, ctx, NULL, NULL, &c->blocked_n, NULL, NULL, &waited);
-    atomic_fetch_add_explicit(&c->blocked_ns, waited, CONC__RELAXED);
-    return rc;
-}
-
+/* Accepts *job, blocking the caller as a submitter while the limit is reached (block). */
 static int conc__core_submit(conc__core *c, const conc__job *job, conc_ctx_t *ctx, bool block) {
-    conc__worker *wake = NULL;
-    bool spawn = false;
-    int rc;
-retry:
-    conc__spin_lock(&c->mu);
-    rc = conc__core_accept_locked(c, job, &wake, &spawn);
-    if (rc == CONC_WOULD_BLOCK && block) {
-        rc = conc__core_block(c, job, ctx);
-        if (rc == CONC__CORE_RETRY) goto retry; /* a failed start gave back the slot we waited for */
+    if (conc__core_submit_box(c, job, block)) return 0;
+    for (;;) {
+        conc__waiter *wake = NULL;
+        bool spawn = false;
+        conc__spin_lock(&c->mu);
+        int rc = conc__core_accept_locked(c, job, &wake, &spawn);
+        if (rc == CONC_WOULD_BLOCK && block) {
+            /* flag first, then look at the boxes again: a box posted after this look
+               has its owner see the flag (Dekker), and it takes the queue's head */
+            conc__core_flag_locked(c, CONC__CF_BLOCKED, true);
+            rc = conc__core_accept_locked(c, job, &wake, &spawn);
+            if (rc == CONC_WOULD_BLOCK) {
+                conc__job mine = *job; /* the waiter's elem: the granting worker copies it under mu */
+                int64_t waited;
+                rc = conc__block_queued(&c->mu, &c->blocked, &mine, ctx, NULL, wake, &c->blocked_n, NULL, NULL,
+                                        &waited);
+                atomic_fetch_add_explicit(&c->blocked_ns, waited, CONC__RELAXED);
+                if (rc == CONC__CORE_RETRY) continue; /* a failed start gave back the slot we waited for */
+                return rc;
+            }
+        }
+        if (!c->blocked.head) conc__core_flag_locked(c, CONC__CF_BLOCKED, false);
+        conc__spin_unlock(&c->mu);
+        conc__wake_list(wake);
+        if (!spawn) return rc;
+        rc = conc__core_start_worker(c, job);
+        if (rc == 0) return 0;
+        /* take the reservation back. The slot is free again: the first submit blocked on
+           the limit must not wait for an unrelated job to end (which may wait for its
+           caller): it tries again - a free worker, a thread start of its own (which may
+           fail in turn, and pass the slot on the same way), or the queue. */
+        conc__waiter *w = NULL;
+        wake = NULL;
+        conc__spin_lock(&c->mu);
+        {
+            c->nworkers--;
+            conc__core_limit_flags_locked(c);
+            c->active--;
+            c->submitted--;
+            w = conc__wq_claim(&c->blocked);
+            if (w) w->sel->status = CONC__CORE_RETRY;
+            else conc__core_drained_locked(c, &wake);
+        }
+        conc__spin_unlock(&c->mu);
+        if (w) conc__sel_wake(w->sel);
+        conc__wake_list(wake);
         return rc;
     }
-    conc__spin_unlock(&c->mu);
-    if (wake) conc__sel_wake(&wake->s);
-    if (spawn) {
-        rc = conc__core_start_worker(c, job);
-        if (rc != 0) {
-            /* take the reservation back. The slot is free again: the first go blocked on the
-               limit must not wait for an unrelated task to end (which may wait for its
-               caller): it tries again - an idle worker, a thread start of its own (which
-               may fail in turn, and pass the slot on the same way), or the queue. */
-            conc__waiter *w = NULL, *drained = NULL;
-            conc__spin_lock(&c->mu);
-            {
-                c->nworkers--;
-                c->active--;
-                c->submitted--;
-                if (c->limit < 0 || c->active < c->limit) w = conc__wq_claim(&c->blocked);
-                if (w) w->sel->status = CONC__CORE_RETRY;
-                else conc__core_drained_locked(c, &drained);
-            }
-            conc__spin_unlock(&c->mu);
-            if (w) conc__sel_wake(w->sel);
-            conc__wake_list(drained);
-        }
-    }
-    return rc;
 }
 
 /* ---- groups ---- */
 /* x/sync/errgroup on the engine above: no queue, no fixed worker count (a go that finds
    no waiting worker and is under the limit starts one; workers stay for the next tasks
-   until idle for CONC_GROUP_IDLE_NS, so threads are reused), and active bounded by the
-   limit. A wait waits for active to reach 0 (queued on the core's `drained`: no counter of its own
-   that the submitter and the workers would pass between them on every task).
+   until idle for CONC_GROUP_IDLE_NS, so threads are reused), and the tasks running bounded
+   by the limit. A wait waits for none to run (queued on the core's `drained`: no counter
+   of its own that the submitter and the workers would pass between them on every task).
 
    Invariants:
-   - A task's outcome is recorded (emu) before its worker drops active under core.mu, so a
-     wait that sees 0 sees every error; first is set once, by the first non-zero outcome, and the
-     group's context is cancelled with it as the cause right after (outside emu).
+   - A task's outcome is recorded (emu) before its worker counts it finished (its box's
+     done, or active under core.mu), so a wait that sees none running sees every error;
+     first is set once, by the first non-zero outcome, and the group's context is
+     cancelled with it as the cause right after (outside emu).
    - limit changes only while no task is accepted and unfinished and no go waits
-     (set_limit refuses otherwise), so a worker only compares active with it; a worker
-     still on its way back from a finished task (active not yet dropped) makes a go that
-     arrives then wait for that worker's relock, which grants it.
+     (set_limit refuses otherwise).
    Lock order: emu is taken alone; core.mu as above. */
 
 struct conc_group {
     conc__core core;        /* first: the worker's core pointer casts back */
+    void *alloc;            /* what CONC_MALLOC returned (the group is 64-byte aligned in it) */
     pthread_mutex_t emu;
     int first;              /* (emu) the first error, 0 if none */
     conc_group_error *errs; /* (emu) every error, in the order they were recorded */
@@ -4759,12 +5046,18 @@ static void conc__group_task_done(conc__core *core, conc__worker *wk, const conc
     if (first) conc_ctx_cancel_cause(core->ctx, rc);
 }
 
-/* Blocks until no task is active (each task's outcome was recorded before its worker
-   dropped active under core.mu), or ctx ends. */
+static void conc__core_task_done(conc__core *core, conc__worker *wk, const conc__job *job, int rc) {
+    conc__group_task_done(core, wk, job, rc);
+}
+
+/* Blocks until no task runs (each task's outcome was recorded before its worker counted
+   it finished), or ctx ends. */
 static int conc__group_drain(conc_group_t *g, conc_ctx_t *ctx) {
     conc__core *c = &g->core;
     conc__spin_lock(&c->mu);
-    if (c->active == 0) {
+    if (conc__core_running_locked(c) != 0) /* then flag, fence, look again (Dekker with the boxes) */
+        conc__core_flag_locked(c, CONC__CF_DRAIN, true);
+    if (conc__core_running_locked(c) == 0) {
         conc__spin_unlock(&c->mu);
         return 0;
     }
@@ -4772,11 +5065,13 @@ static int conc__group_drain(conc_group_t *g, conc_ctx_t *ctx) {
 }
 
 CONC_API conc_group_t *conc_group_new_at(conc_ctx_t *parent, const char *file, int line) {
-    conc_group_t *g = (conc_group_t *)CONC_MALLOC(sizeof *g);
-    if (!g) return NULL;
+    void *alloc = CONC_MALLOC(sizeof(conc_group_t) + 63);
+    if (!alloc) return NULL;
+    conc_group_t *g = (conc_group_t *)(void *)(((uintptr_t)alloc + 63) & ~(uintptr_t)63);
     memset(g, 0, sizeof *g);
-    if (conc__core_init(&g->core, parent, "errgroup worker", file, line) != 0) {
-        CONC_FREE(g);
+    g->alloc = alloc;
+    if (conc__core_init(&g->core, parent, CONC_GROUP_IDLE_NS, "errgroup worker", file, line) != 0) {
+        CONC_FREE(alloc);
         return NULL;
     }
     conc__mutex_init(&g->emu);
@@ -4791,15 +5086,19 @@ CONC_API void conc_group_free(conc_group_t *g) {
     pthread_mutex_destroy(&g->emu);
     CONC__CHECKED(&g->failed);
     CONC_FREE(g->errs);
-    CONC_FREE(g);
+    CONC_FREE(g->alloc);
 }
 
 CONC_API int conc_group_set_limit(conc_group_t *g, int64_t n) {
     int rc = 0;
     if (!g) return CONC_INVALID;
     conc__spin_lock(&g->core.mu);
-    if (g->core.active != 0 || g->core.blocked.head != NULL) rc = CONC_BUSY;
-    else g->core.limit = n < 0 ? -1 : n;
+    if (conc__core_running_locked(&g->core) != 0 || g->core.blocked.head != NULL) {
+        rc = CONC_BUSY;
+    } else {
+        g->core.limit = n < 0 ? -1 : n;
+        conc__core_limit_flags_locked(&g->core);
+    }
     conc__spin_unlock(&g->core.mu);
     return rc;
 }
@@ -4840,7 +5139,7 @@ CONC_API int conc_group_wait(conc_group_t *g, conc_ctx_t *ctx) {
 CONC_API int conc_group_try_wait(conc_group_t *g) {
     if (!g) return CONC_INVALID;
     conc__spin_lock(&g->core.mu);
-    int64_t active = g->core.active;
+    int64_t active = conc__core_running_locked(&g->core);
     conc__spin_unlock(&g->core.mu);
     if (active != 0) return CONC_WOULD_BLOCK;
     int e = conc__group_first(g);
@@ -4869,10 +5168,12 @@ CONC_API void conc_group_stats_get(conc_group_t *g, conc_group_stats *out) {
     conc__spin_lock(&g->core.mu);
     {
         out->started = g->core.submitted;
+        for (int i = 0; i < atomic_load_explicit(&g->core.nbox, CONC__RELAXED); i++)
+            out->started += atomic_load_explicit(&g->core.box[i].given, CONC__RELAXED);
         out->blocked = g->core.blocked_n;
         out->blocked_ns = atomic_load_explicit(&g->core.blocked_ns, CONC__RELAXED);
         out->threads = g->core.threads;
-        out->running = (size_t)g->core.active;
+        out->running = (size_t)conc__core_running_locked(&g->core);
         out->threads_live = g->core.nworkers;
         out->finished = g->core.finished_left;
         for (conc__worker *w = g->core.all; w; w = w->next)
