@@ -4461,6 +4461,7 @@ static int64_t conc__core_running_locked(conc__core *c) {
     int nb = atomic_load_explicit(&c->nbox, CONC__RELAXED);
     for (int i = 0; i < nb; i++) {
         uint64_t d = atomic_load_explicit(&c->box[i].done, CONC__ACQUIRE);
+        CONC__HB_AFTER(&c->box[i].done); /* the finished tasks happen before whoever counts them */
         n += (int64_t)(atomic_load_explicit(&c->box[i].given, CONC__RELAXED) - d);
     }
     return n;
@@ -4723,7 +4724,10 @@ static void conc__worker_main(void *arg) {
         unsigned f = 0;
         if (have) {
             conc__core_run(c, wk, &job);
-            if (boxed) atomic_store_explicit(&b->done, atomic_load_explicit(&b->done, CONC__RELAXED) + 1, CONC__RELEASE);
+            if (boxed) {
+                CONC__HB_BEFORE(&b->done);
+                atomic_store_explicit(&b->done, atomic_load_explicit(&b->done, CONC__RELAXED) + 1, CONC__RELEASE);
+            }
         }
         if (b && (!have || boxed) && !(atomic_load_explicit(&c->flags, CONC__RELAXED) & (CONC__CF_BLOCKED | CONC__CF_SHUT))) {
             conc__box_post(b);
@@ -4830,6 +4834,7 @@ static void conc__core_fini_boxes(conc__core *c) {
         conc__box *b = &c->box[i];
         conc__sel_fini(&b->s);
         CONC__HB_FORGET(&b->job);
+        CONC__HB_FORGET(&b->done);
         CONC__CHECKED(&b->given);
         CONC__CHECKED(&b->done);
     }

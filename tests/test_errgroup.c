@@ -163,6 +163,171 @@ TEST(set_limit_blocks_go_and_try_go) {
     conc_chan_free(l.gate);
 }
 
+/* As task_gated, deaf to the group's context (a wait has cancelled it). */
+static int task_gated_only(void *arg, conc_ctx_t *ctx) {
+    lim_arg *l = (lim_arg *)arg;
+    (void)ctx;
+    atomic_fetch_add(&l->started, 1);
+    conc_chan_recv(l->gate, NULL, NULL);
+    return 0;
+}
+
+/* With `limit` gated tasks running, a try_go is refused; they are released after. */
+static bool try_go_fails_at_limit(conc_group_t *g, int limit) {
+    lim_arg l = {conc_chan_new(0, 0), 0, 0, 0};
+    bool ok = true;
+    for (int i = 0; i < limit; i++) ok = ok && conc_group_go(g, task_gated_only, &l, NULL) == 0;
+    while (ok && atomic_load(&l.started) < limit) nap();
+    ok = ok && conc_group_try_go(g, task_gated, &l) == CONC_WOULD_BLOCK;
+    conc_chan_close(l.gate);
+    ok = ok && conc_group_wait(g, NULL) == 0;
+    conc_chan_free(l.gate);
+    return ok;
+}
+
+/* A go racing a worker on its way back to wait (the lock-free hand-off): several
+   submitters, a limit of 2, tasks that finish at random moments, and some gos whose
+   context is cancelled meanwhile. Every go returns 0 exactly when its task ran, once; a
+   go that blocked while the last worker went to wait would hang here. */
+typedef struct {
+    conc_group_t *g;
+    int n;
+    uint64_t seed;
+    _Atomic int *ran; /* n slots */
+    int *rc;          /* n results */
+} racer_arg;
+
+static int task_mark(void *arg, conc_ctx_t *ctx) {
+    (void)ctx;
+    atomic_fetch_add((_Atomic int *)arg, 1);
+    return 0;
+}
+
+static void *go_racer(void *p) {
+    racer_arg *a = (racer_arg *)p;
+    for (int i = 0; i < a->n; i++) {
+        conc_ctx_t *c = NULL;
+        if (rnd(&a->seed) % 8 == 0) {
+            c = conc_ctx_with_cancel(NULL);
+            if (rnd(&a->seed) % 2) conc_ctx_cancel(c); /* the go may still find a free worker */
+        }
+        a->rc[i] = conc_group_go(a->g, task_mark, (void *)&a->ran[i], c);
+        conc_ctx_release(c);
+        if (rnd(&a->seed) % 4 == 0) jitter(&a->seed);
+    }
+    return NULL;
+}
+
+TEST(stress_go_races_worker_going_idle) {
+    enum { NS = 4 };
+    int n = (int)tap_iters(3000);
+    conc_group_t *g = conc_group_new(NULL);
+    ASSERT(g != NULL);
+    ASSERT_EQ(conc_group_set_limit(g, 2), 0);
+    racer_arg a[NS];
+    pthread_t t[NS];
+    for (int k = 0; k < NS; k++) {
+        a[k] = (racer_arg){g, n, (uint64_t)k * 7919 + 1, calloc((size_t)n, sizeof(_Atomic int)), calloc((size_t)n, sizeof(int))};
+        ASSERT(a[k].ran && a[k].rc);
+        spawn(&t[k], go_racer, &a[k]);
+    }
+    for (int k = 0; k < NS; k++) pthread_join(t[k], NULL);
+    EXPECT_EQ(conc_group_wait(g, NULL), 0);
+    long accepted = 0;
+    for (int k = 0; k < NS; k++) {
+        for (int i = 0; i < n; i++) {
+            int ran = atomic_load(&a[k].ran[i]);
+            if (a[k].rc[i] == 0) {
+                accepted++;
+                if (ran != 1) {
+                    EXPECT_EQ(ran, 1);
+                    break;
+                }
+            } else if (a[k].rc[i] != CONC_CANCELED || ran != 0) {
+                EXPECT_EQ(a[k].rc[i], CONC_CANCELED);
+                EXPECT_EQ(ran, 0);
+                break;
+            }
+        }
+        free(a[k].ran);
+        free(a[k].rc);
+    }
+    conc_group_stats st;
+    conc_group_stats_get(g, &st);
+    EXPECT_EQ(st.started, (uint64_t)accepted);
+    EXPECT_EQ(st.finished, (uint64_t)accepted);
+    EXPECT_EQ(st.running, 0);
+    EXPECT(st.threads_live <= 2);
+    conc_group_free(g);
+}
+
+/* Counts the tasks running at once. */
+static int task_count_running(void *arg, conc_ctx_t *ctx) {
+    lim_arg *l = (lim_arg *)arg;
+    (void)ctx;
+    int now = atomic_fetch_add(&l->running, 1) + 1;
+    int m = atomic_load(&l->max_running);
+    while (now > m && !atomic_compare_exchange_weak(&l->max_running, &m, now)) {
+    }
+    atomic_fetch_add(&l->started, 1);
+    if (now % 3 == 0) sched_yield();
+    atomic_fetch_sub(&l->running, 1);
+    return 0;
+}
+
+typedef struct {
+    conc_group_t *g;
+    lim_arg *l;
+    int n;
+} counter_arg;
+
+static void *go_counters(void *p) {
+    counter_arg *a = (counter_arg *)p;
+    for (int i = 0; i < a->n; i++)
+        if (conc_group_go(a->g, task_count_running, a->l, NULL) != 0) break;
+    return NULL;
+}
+
+/* More threads than a limit set later: 12 tasks at once start 12 threads (more than the
+   engine's lock-free places to wait), then a limit of 3 must still hold while all of
+   them wait for work; raised again, they are all reused. */
+TEST(limit_below_the_threads_still_bounds_running) {
+    enum { WIDE = 12, NS = 3 };
+    conc_group_t *g = conc_group_new(NULL);
+    ASSERT(g != NULL);
+    lim_arg l = {conc_chan_new(0, 0), 0, 0, 0};
+    for (int i = 0; i < WIDE; i++) ASSERT_EQ(conc_group_go(g, task_gated, &l, NULL), 0);
+    while (atomic_load(&l.started) < WIDE) nap();
+    conc_chan_close(l.gate);
+    ASSERT_EQ(conc_group_wait(g, NULL), 0);
+    conc_group_stats st;
+    conc_group_stats_get(g, &st);
+    EXPECT_EQ(st.threads, WIDE);
+
+    lim_arg c = {NULL, 0, 0, 0};
+    ASSERT_EQ(conc_group_set_limit(g, 3), 0);
+    counter_arg ca = {g, &c, (int)tap_iters(2000)};
+    pthread_t t[NS];
+    for (int k = 0; k < NS; k++) spawn(&t[k], go_counters, &ca);
+    for (int k = 0; k < NS; k++) pthread_join(t[k], NULL);
+    EXPECT_EQ(conc_group_wait(g, NULL), 0);
+    EXPECT_EQ(atomic_load(&c.started), NS * ca.n);
+    EXPECT(atomic_load(&c.max_running) <= 3);
+    EXPECT(try_go_fails_at_limit(g, 3));
+
+    ASSERT_EQ(conc_group_set_limit(g, -1), 0);
+    lim_arg l2 = {conc_chan_new(0, 0), 0, 0, 0};
+    for (int i = 0; i < WIDE; i++) ASSERT_EQ(conc_group_go(g, task_gated_only, &l2, NULL), 0);
+    while (atomic_load(&l2.started) < WIDE) nap();
+    conc_chan_close(l2.gate);
+    ASSERT_EQ(conc_group_wait(g, NULL), 0);
+    conc_group_stats_get(g, &st);
+    EXPECT_EQ(st.finished, (uint64_t)(2 * WIDE + NS * ca.n + 3));
+    conc_group_free(g);
+    conc_chan_free(l.gate);
+    conc_chan_free(l2.gate);
+}
+
 /* The registry's threads started since scope with this purpose; checks file:line. */
 static int count_threads(uint64_t scope, const char *purpose, int line) {
     conc_thread_info info[64];
@@ -408,6 +573,8 @@ int main(void) {
     RUN(parent_cancel_reaches_tasks);
     RUN(set_limit_blocks_go_and_try_go);
     RUN(threads_are_reused);
+    RUN(limit_below_the_threads_still_bounds_running);
+    RUN(stress_go_races_worker_going_idle);
     RUN(stress_waits_wake_when_drained);
     RUN(stress_racing_errors);
     RUN(stress_go_cancel_races_limit);
