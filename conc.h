@@ -3942,376 +3942,14 @@ CONC_API bool conc_once_done(conc_once_t *once) {
 }
 
 /* ======================================================================== */
-/* >>pool: worker pools and futures                                         */
+/* >>internal: the worker engine (hand-off pools and groups)                */
 /* ======================================================================== */
-/* Futures, then pools: a jobs channel and the threads that receive from it (the group's
-   engine, conc__core, is in >>group). */
-
 typedef struct conc__job {
     conc_task_fn fn;
     void *arg;
     conc_future_t *fut; /* pools: completed with the job's result; may be NULL */
 } conc__job;
 
-/* ---- futures ---- */
-/* A future is shared by the job (one reference, dropped when it completes it), the
-   submitter (dropped by conc_future_free) and each blocked wait (taken under mu when it
-   queues, dropped after its last read of f).
-   Invariants: state goes once from 0 to 1, under mu, after result and status are written;
-   read without the lock (acquire) by the fast paths. Waiters queue on `waiters` (mu) only
-   while state is 0; completion claims them all.
-   Lock order: future.mu -> ctx.mu. */
-struct conc_future {
-    pthread_mutex_t mu;
-    _Atomic int state;    /* 0 pending, 1 done */
-    int status;           /* (mu, then immutable) 0: the job ran; CONC_SHUTDOWN: it never will */
-    int result;           /* (mu, then immutable) what the job returned */
-    conc__wq waiters;     /* (mu) blocked waits */
-    _Atomic int refs;
-};
-
-static conc_future_t *conc__future_new(void) {
-    conc_future_t *f = (conc_future_t *)CONC_MALLOC(sizeof *f);
-    if (!f) return NULL;
-    memset(f, 0, sizeof *f);
-    conc__mutex_init(&f->mu);
-    CONC__UNCHECKED(&f->state);
-    CONC__UNCHECKED(&f->refs);
-    atomic_init(&f->state, 0);
-    atomic_init(&f->refs, 2);
-    return f;
-}
-
-static void conc__future_unref(conc_future_t *f) {
-    CONC__HB_BEFORE(&f->refs);
-    if (atomic_fetch_sub_explicit(&f->refs, 1, CONC__ACQ_REL) != 1) return;
-    CONC__HB_AFTER(&f->refs);
-    pthread_mutex_destroy(&f->mu);
-    CONC__HB_FORGET(&f->state);
-    CONC__HB_FORGET(&f->refs);
-    CONC__CHECKED(&f->state);
-    CONC__CHECKED(&f->refs);
-    CONC_FREE(f);
-}
-
-/* The job's side: records the outcome, wakes every waiter, drops the job's reference. */
-static void conc__future_complete(conc_future_t *f, int status, int result) {
-    conc__waiter *wake = NULL, *w;
-    CONC__LOCK(&f->mu);
-    {
-        f->status = status;
-        f->result = result;
-        CONC__HB_BEFORE(&f->state);
-        atomic_store_explicit(&f->state, 1, CONC__RELEASE);
-        while ((w = conc__wq_claim(&f->waiters)) != NULL) {
-            w->sel->status = 0;
-            w->next = wake;
-            wake = w;
-        }
-    }
-    CONC__UNLOCK(&f->mu);
-    conc__wake_list(wake);
-    conc__future_unref(f);
-}
-
-static int conc__future_get(conc_future_t *f, int *result) {
-    CONC__HB_AFTER(&f->state);
-    if (result) *result = f->status == 0 ? f->result : 0;
-    return f->status;
-}
-
-CONC_API int conc_future_try_wait(conc_future_t *f, int *result) {
-    if (!f) return CONC_INVALID;
-    if (atomic_load_explicit(&f->state, CONC__ACQUIRE) == 0) return CONC_WOULD_BLOCK;
-    return conc__future_get(f, result);
-}
-
-CONC_API int conc_future_wait(conc_future_t *f, int *result, conc_ctx_t *ctx) {
-    conc__sel s;
-    conc__waiter w, cw;
-    if (!f) return CONC_INVALID;
-    if (atomic_load_explicit(&f->state, CONC__ACQUIRE) != 0) return conc__future_get(f, result);
-    bool reg = conc__ctx_can_end(ctx);
-    conc__sel_init(&s);
-    CONC__LOCK(&f->mu);
-    if (atomic_load_explicit(&f->state, CONC__RELAXED) != 0) {
-        CONC__UNLOCK(&f->mu);
-        conc__sel_fini(&s);
-        return conc__future_get(f, result);
-    }
-    if (reg) {
-        int e = conc__ctx_register(ctx, &cw, &s, CONC__OWN_CTX);
-        if (e) {
-            CONC__UNLOCK(&f->mu);
-            conc__sel_fini(&s);
-            return e;
-        }
-    }
-    w.sel = &s;
-    w.elem = NULL;
-    w.case_index = 0;
-    w.since = 0;
-    conc__wq_push(&f->waiters, &w);
-    /* a blocked wait holds its own reference: the handle may be freed meanwhile, and the
-       job's reference is dropped as soon as it has woken us, before we read the result */
-    atomic_fetch_add_explicit(&f->refs, 1, CONC__RELAXED);
-    CONC__UNLOCK(&f->mu);
-
-    conc__sel_park(&s);
-    int rc;
-    if (atomic_load_explicit(&s.fired, CONC__RELAXED) == CONC__OWN_CTX) {
-        CONC__LOCK(&f->mu);
-        if (w.queued) conc__wq_remove(&f->waiters, &w);
-        CONC__UNLOCK(&f->mu);
-        rc = s.status;
-    } else {
-        if (reg) conc__ctx_unregister(ctx, &cw);
-        rc = conc__future_get(f, result);
-    }
-    conc__sel_fini(&s);
-    conc__future_unref(f); /* after the last read of f */
-    return rc;
-}
-
-CONC_API int conc_future_free(conc_future_t *f) {
-    if (f) conc__future_unref(f); /* waits still blocked keep it alive with their own */
-    return 0;
-}
-
-/* ---- pools ---- */
-/* A pool is the worker pool as Go programs write it: a jobs channel of capacity cap (0: a
-   hand-off) and `workers` threads that receive from it until it is closed and drained.
-   A job's journey is the channel's, with all its guarantees: a submit is a send (blocking
-   with its context, or a try_send), accepted exactly once, FIFO, with the channel's
-   backpressure statistics and its lock-free ring for cap > 0. The pool adds the threads,
-   the context handed to every job, futures, and the shutdown's take-back.
-
-   Invariants:
-   - A job is accepted exactly when its send returns 0. Then exactly one receive takes it:
-     a worker's (the job runs once) or, once a shutdown has run out of time, the
-     shutdown's (the job is reported unrun once). Nothing else receives from jobs.
-   - Shutdown closes jobs first: submits after it and submits blocked then get
-     CONC_CLOSED, reported as CONC_SHUTDOWN; the workers drain what was accepted and
-     leave their loop; `live` counts the workers that have not left it.
-   - Each worker counts its completed jobs itself, on a cache line of its own (two workers
-     bumping one shared counter would move it between them on every job). A job counts
-     as running from the receive that took it (the channel counts receives under its lock)
-     until its worker's count or unrun includes it.
-   Lock order: join_mu is taken alone (around the joins). */
-
-typedef struct conc__pool_worker {
-    _Alignas(64) _Atomic uint64_t completed; /* written by this worker only, after the job returned */
-    conc_pool_t *pool;                    /* immutable */
-    conc__thread *thread;                 /* immutable once started; joined by conc__pool_join */
-} conc__pool_worker;
-
-struct conc_pool {
-    conc_chan_t *jobs;           /* of conc__job */
-    conc_ctx_t *ctx;             /* handed to every job; cancelled by a shutdown out of time */
-    conc_wg_t *live;             /* workers still in their loop */
-    conc__pool_worker *workers;  /* nworkers, cache-line aligned inside workers_alloc */
-    void *workers_alloc;
-    size_t nworkers;             /* workers started (immutable once the pool is returned) */
-    pthread_mutex_t join_mu;     /* held by the joiner: a second shutdown returns after the first has joined */
-    bool joined;                 /* (join_mu) */
-    _Atomic uint64_t rejected, canceled, unrun;
-};
-
-static void conc__pool_worker_main(void *arg) {
-    conc__pool_worker *wk = (conc__pool_worker *)arg;
-    conc_pool_t *p = wk->pool;
-    conc__job job;
-    while (conc_chan_recv(p->jobs, &job, NULL) == 0) {
-        int rc = job.fn(job.arg, p->ctx);
-        atomic_store_explicit(&wk->completed, atomic_load_explicit(&wk->completed, CONC__RELAXED) + 1,
-                              CONC__RELEASE);
-        if (job.fut) conc__future_complete(job.fut, 0, rc);
-    }
-    conc_wg_done(p->live); /* the last touch of p: after it the pool may be freed (after a join) */
-}
-
-/* Joins every worker (all have left their loop: live is 0). */
-static void conc__pool_join(conc_pool_t *p) {
-    CONC__LOCK(&p->join_mu);
-    if (!p->joined) {
-        for (size_t i = 0; i < p->nworkers; i++) conc__thread_join(p->workers[i].thread);
-        p->joined = true;
-    }
-    CONC__UNLOCK(&p->join_mu);
-}
-
-/* Frees what conc_pool_new_at set up, once every started worker has left and been joined. */
-static void conc__pool_destroy(conc_pool_t *p) {
-    for (size_t i = 0; i < p->nworkers; i++) {
-        CONC__CHECKED(&p->workers[i].completed);
-    }
-    CONC__CHECKED(&p->rejected);
-    CONC__CHECKED(&p->canceled);
-    CONC__CHECKED(&p->unrun);
-    conc_ctx_release(p->ctx);
-    conc_wg_free(p->live);
-    conc_chan_free(p->jobs);
-    pthread_mutex_destroy(&p->join_mu);
-    CONC_FREE(p->workers_alloc);
-    CONC_FREE(p);
-}
-
-CONC_API conc_pool_t *conc_pool_new_at(size_t workers, size_t cap, conc_ctx_t *parent, const char *file, int line) {
-    if (workers == 0 || workers > (SIZE_MAX - 63) / sizeof(conc__pool_worker)) return NULL;
-    conc_pool_t *p = (conc_pool_t *)CONC_MALLOC(sizeof *p);
-    if (!p) return NULL;
-    memset(p, 0, sizeof *p);
-    conc__mutex_init(&p->join_mu);
-    p->jobs = conc_chan_new(sizeof(conc__job), cap);
-    p->ctx = conc_ctx_with_cancel(parent);
-    p->live = conc_wg_new();
-    p->workers_alloc = CONC_MALLOC(workers * sizeof(conc__pool_worker) + 63);
-    if (!p->jobs || !p->ctx || !p->live || !p->workers_alloc) {
-        conc__pool_destroy(p); /* each part is NULL or fresh: freeing NULL is a no-op */
-        return NULL;
-    }
-    p->workers = (conc__pool_worker *)(void *)(((uintptr_t)p->workers_alloc + 63) & ~(uintptr_t)63);
-    /* counters read without a lock by conc_pool_stats_get: Helgrind is told not to check them */
-    CONC__UNCHECKED(&p->rejected);
-    CONC__UNCHECKED(&p->canceled);
-    CONC__UNCHECKED(&p->unrun);
-    atomic_init(&p->rejected, 0);
-    atomic_init(&p->canceled, 0);
-    atomic_init(&p->unrun, 0);
-    for (size_t i = 0; i < workers; i++) {
-        conc__pool_worker *wk = &p->workers[i];
-        CONC__UNCHECKED(&wk->completed);
-        atomic_init(&wk->completed, 0);
-        wk->pool = p;
-        conc_wg_add(p->live, 1);
-        if (conc__thread_start(&wk->thread, conc__pool_worker_main, wk, "pool worker", file, line, 0) != 0) {
-            conc_wg_done(p->live);
-            CONC__CHECKED(&wk->completed); /* not counted in nworkers: destroy skips it */
-            conc_chan_close(p->jobs); /* the started ones leave at once: nothing was accepted */
-            conc_wg_wait(p->live, NULL);
-            conc__pool_join(p);
-            conc__pool_destroy(p);
-            return NULL;
-        }
-        p->nworkers = i + 1;
-    }
-    return p;
-}
-
-CONC_API conc_ctx_t *conc_pool_ctx(const conc_pool_t *pool) { return pool ? pool->ctx : NULL; }
-
-static int conc__pool_submit(conc_pool_t *pool, conc_task_fn fn, void *arg, conc_future_t **out, conc_ctx_t *ctx,
-                             bool block) {
-    conc__job job;
-    if (out) *out = NULL;
-    if (!pool || !fn) return CONC_INVALID;
-    job.fn = fn;
-    job.arg = arg;
-    job.fut = NULL;
-    if (out && !(job.fut = conc__future_new())) return CONC_NOMEM;
-    int rc = block ? conc_chan_send(pool->jobs, &job, ctx) : conc_chan_try_send(pool->jobs, &job);
-    if (rc == CONC_CLOSED) rc = CONC_SHUTDOWN;
-    if (rc == CONC_WOULD_BLOCK || rc == CONC_SHUTDOWN) atomic_fetch_add_explicit(&pool->rejected, 1, CONC__RELAXED);
-    else if (rc != 0) atomic_fetch_add_explicit(&pool->canceled, 1, CONC__RELAXED); /* the ctx's err */
-    if (out) {
-        if (rc == 0) {
-            *out = job.fut;
-        } else {
-            conc__future_unref(job.fut); /* the job's reference and the caller's */
-            conc__future_unref(job.fut);
-        }
-    }
-    return rc;
-}
-
-CONC_API int conc_pool_submit(conc_pool_t *pool, conc_task_fn fn, void *arg, conc_ctx_t *ctx) {
-    return conc__pool_submit(pool, fn, arg, NULL, ctx, true);
-}
-CONC_API int conc_pool_try_submit(conc_pool_t *pool, conc_task_fn fn, void *arg) {
-    return conc__pool_submit(pool, fn, arg, NULL, NULL, false);
-}
-CONC_API int conc_pool_submit_future(conc_pool_t *pool, conc_task_fn fn, void *arg, conc_future_t **out,
-                                     conc_ctx_t *ctx) {
-    if (!out) return CONC_INVALID;
-    return conc__pool_submit(pool, fn, arg, out, ctx, true);
-}
-CONC_API int conc_pool_try_submit_future(conc_pool_t *pool, conc_task_fn fn, void *arg, conc_future_t **out) {
-    if (!out) return CONC_INVALID;
-    return conc__pool_submit(pool, fn, arg, out, NULL, false);
-}
-
-/* A job the shutdown took back: it never runs. */
-static void conc__pool_report_unrun(const conc__job *job, conc_pool_unrun_fn unrun, void *unrun_arg) {
-    if (job->fut) conc__future_complete(job->fut, CONC_SHUTDOWN, 0);
-    if (unrun) unrun(job->fn, job->arg, unrun_arg);
-}
-
-CONC_API int conc_pool_shutdown(conc_pool_t *pool, conc_pool_unrun_fn unrun, void *unrun_arg, conc_ctx_t *ctx) {
-    if (!pool) return CONC_INVALID;
-    conc_chan_close(pool->jobs); /* CONC_CLOSED from a second shutdown: nothing to do */
-    int rc = conc_wg_wait(pool->live, ctx);
-    if (rc == 0) {
-        conc__pool_join(pool);
-        return 0;
-    }
-    /* out of time: first take back what never started, so that no worker starts it with
-       the context about to end, then stop what runs and report. A worker may still take
-       a job meanwhile: whoever receives it owns it. Without memory for the list, one job
-       at a time after the cancel. */
-    size_t cap = conc_chan_len(pool->jobs), nleft = 0; /* no more can come: jobs is closed */
-    conc__job *left = cap ? (conc__job *)CONC_MALLOC(cap * sizeof *left) : NULL;
-    if (left)
-        while (nleft < cap && conc_chan_try_recv(pool->jobs, &left[nleft]) == 0) {
-            nleft++;
-            atomic_fetch_add_explicit(&pool->unrun, 1, CONC__RELEASE); /* as it leaves the channel: stats' running */
-        }
-    conc_ctx_cancel(pool->ctx);
-    for (size_t i = 0; i < nleft; i++) conc__pool_report_unrun(&left[i], unrun, unrun_arg);
-    CONC_FREE(left);
-    conc__job job;
-    while (conc_chan_try_recv(pool->jobs, &job) == 0) {
-        atomic_fetch_add_explicit(&pool->unrun, 1, CONC__RELEASE);
-        conc__pool_report_unrun(&job, unrun, unrun_arg);
-    }
-    return rc;
-}
-
-CONC_API void conc_pool_free(conc_pool_t *pool) {
-    if (!pool) return;
-    conc_chan_close(pool->jobs);
-    conc_wg_wait(pool->live, NULL); /* the queued jobs run first, as in a shutdown */
-    conc__pool_join(pool);
-    conc__pool_destroy(pool);
-}
-
-CONC_API void conc_pool_stats_get(conc_pool_t *pool, conc_pool_stats *out) {
-    if (!out) return;
-    memset(out, 0, sizeof *out);
-    if (!pool) return;
-    conc_chan_stats cs;
-    uint64_t completed = 0;
-    /* completed and unrun before the channel's receives: every job they count was received
-       first, so running (received, neither completed nor taken back) never looks negative.
-       A job handed to a worker counts from the hand-off, not from when the worker wakes. */
-    for (size_t i = 0; i < pool->nworkers; i++)
-        completed += atomic_load_explicit(&pool->workers[i].completed, CONC__ACQUIRE);
-    uint64_t unrun = atomic_load_explicit(&pool->unrun, CONC__ACQUIRE);
-    conc_chan_stats_get(pool->jobs, &cs);
-    out->submitted = cs.sends;
-    out->completed = completed;
-    out->rejected = atomic_load_explicit(&pool->rejected, CONC__RELAXED);
-    out->canceled = atomic_load_explicit(&pool->canceled, CONC__RELAXED);
-    out->unrun = unrun;
-    out->blocked = cs.blocked_sends;
-    out->blocked_ns = cs.send_wait_ns;
-    out->high_water = cs.high_water;
-    out->queued = conc_chan_len(pool->jobs);
-    out->running = cs.recvs >= completed + unrun ? (size_t)(cs.recvs - completed - unrun) : 0;
-}
-
-/* ======================================================================== */
-/* >>group: error groups                                                    */
-/* ======================================================================== */
 /* The engine (conc__core): a set of worker threads, the waiting workers and the blocked
    submitters. It is an unbuffered channel whose receivers are the workers (runtime/chan.go
    again), plus a limit on the jobs running at once and threads started on demand: a
@@ -4412,9 +4050,10 @@ typedef struct conc__core {
     int64_t limit;              /* (mu) most jobs running at once; -1: none */
     int64_t active;             /* (mu) jobs of workers without a box: handed, not finished */
     size_t nworkers;            /* (mu) started and not yet left */
-    uint64_t finished_left;     /* (mu) tasks run by workers that left while idle */
+    uint64_t finished_left;     /* (mu) tasks run by workers that left (idle, or joined) */
     bool shutting;              /* (mu) */
     int64_t idle_ns;            /* immutable: how long a worker waits before it ends; < 0: for ever */
+    bool pool;                  /* immutable: a pool's engine (else a group's): which per-job hook */
     pthread_mutex_t join_mu;    /* held by a joiner: a second shutdown returns after the first joined */
     conc__worker *all;          /* (mu) every worker started and not left, for the joiner */
     conc__worker *left;         /* (mu) workers that left while idle, not yet joined */
@@ -4465,6 +4104,16 @@ static int64_t conc__core_running_locked(conc__core *c) {
         n += (int64_t)(atomic_load_explicit(&c->box[i].given, CONC__RELAXED) - d);
     }
     return n;
+}
+
+/* mu held: jobs accepted so far, and finished so far (statistics). */
+static void conc__core_totals_locked(conc__core *c, uint64_t *accepted, uint64_t *finished) {
+    uint64_t a = c->submitted, f = c->finished_left;
+    for (int i = 0; i < atomic_load_explicit(&c->nbox, CONC__RELAXED); i++)
+        a += atomic_load_explicit(&c->box[i].given, CONC__RELAXED);
+    for (conc__worker *w = c->all; w; w = w->next) f += atomic_load_explicit(&w->finished, CONC__ACQUIRE);
+    *accepted = a;
+    *finished = f;
 }
 
 /* mu held: may one more job run? */
@@ -4923,6 +4572,8 @@ static void conc__core_join(conc__core *c) {
     all = c->all;
     left = c->left;
     c->all = c->left = NULL;
+    for (conc__worker *w = all; w; w = w->next) /* final: they have left their loop; the stats keep them */
+        c->finished_left += atomic_load_explicit(&w->finished, CONC__ACQUIRE);
     conc__spin_unlock(&c->mu);
     conc__core_join_list(all);
     conc__core_join_list(left);
@@ -4992,6 +4643,456 @@ static int conc__core_submit(conc__core *c, const conc__job *job, conc_ctx_t *ct
     }
 }
 
+/* ======================================================================== */
+/* >>pool: worker pools and futures                                         */
+/* ======================================================================== */
+/* Futures, then pools: a jobs channel and the threads that receive from it (the group's
+   engine, conc__core, is in >>group). */
+
+/* ---- futures ---- */
+/* A future is shared by the job (one reference, dropped when it completes it), the
+   submitter (dropped by conc_future_free) and each blocked wait (taken under mu when it
+   queues, dropped after its last read of f).
+   Invariants: state goes once from 0 to 1, under mu, after result and status are written;
+   read without the lock (acquire) by the fast paths. Waiters queue on `waiters` (mu) only
+   while state is 0; completion claims them all.
+   Lock order: future.mu -> ctx.mu. */
+struct conc_future {
+    pthread_mutex_t mu;
+    _Atomic int state;    /* 0 pending, 1 done */
+    int status;           /* (mu, then immutable) 0: the job ran; CONC_SHUTDOWN: it never will */
+    int result;           /* (mu, then immutable) what the job returned */
+    conc__wq waiters;     /* (mu) blocked waits */
+    _Atomic int refs;
+};
+
+static conc_future_t *conc__future_new(void) {
+    conc_future_t *f = (conc_future_t *)CONC_MALLOC(sizeof *f);
+    if (!f) return NULL;
+    memset(f, 0, sizeof *f);
+    conc__mutex_init(&f->mu);
+    CONC__UNCHECKED(&f->state);
+    CONC__UNCHECKED(&f->refs);
+    atomic_init(&f->state, 0);
+    atomic_init(&f->refs, 2);
+    return f;
+}
+
+static void conc__future_unref(conc_future_t *f) {
+    CONC__HB_BEFORE(&f->refs);
+    if (atomic_fetch_sub_explicit(&f->refs, 1, CONC__ACQ_REL) != 1) return;
+    CONC__HB_AFTER(&f->refs);
+    pthread_mutex_destroy(&f->mu);
+    CONC__HB_FORGET(&f->state);
+    CONC__HB_FORGET(&f->refs);
+    CONC__CHECKED(&f->state);
+    CONC__CHECKED(&f->refs);
+    CONC_FREE(f);
+}
+
+/* The job's side: records the outcome, wakes every waiter, drops the job's reference. */
+static void conc__future_complete(conc_future_t *f, int status, int result) {
+    conc__waiter *wake = NULL, *w;
+    CONC__LOCK(&f->mu);
+    {
+        f->status = status;
+        f->result = result;
+        CONC__HB_BEFORE(&f->state);
+        atomic_store_explicit(&f->state, 1, CONC__RELEASE);
+        while ((w = conc__wq_claim(&f->waiters)) != NULL) {
+            w->sel->status = 0;
+            w->next = wake;
+            wake = w;
+        }
+    }
+    CONC__UNLOCK(&f->mu);
+    conc__wake_list(wake);
+    conc__future_unref(f);
+}
+
+static int conc__future_get(conc_future_t *f, int *result) {
+    CONC__HB_AFTER(&f->state);
+    if (result) *result = f->status == 0 ? f->result : 0;
+    return f->status;
+}
+
+CONC_API int conc_future_try_wait(conc_future_t *f, int *result) {
+    if (!f) return CONC_INVALID;
+    if (atomic_load_explicit(&f->state, CONC__ACQUIRE) == 0) return CONC_WOULD_BLOCK;
+    return conc__future_get(f, result);
+}
+
+CONC_API int conc_future_wait(conc_future_t *f, int *result, conc_ctx_t *ctx) {
+    conc__sel s;
+    conc__waiter w, cw;
+    if (!f) return CONC_INVALID;
+    if (atomic_load_explicit(&f->state, CONC__ACQUIRE) != 0) return conc__future_get(f, result);
+    bool reg = conc__ctx_can_end(ctx);
+    conc__sel_init(&s);
+    CONC__LOCK(&f->mu);
+    if (atomic_load_explicit(&f->state, CONC__RELAXED) != 0) {
+        CONC__UNLOCK(&f->mu);
+        conc__sel_fini(&s);
+        return conc__future_get(f, result);
+    }
+    if (reg) {
+        int e = conc__ctx_register(ctx, &cw, &s, CONC__OWN_CTX);
+        if (e) {
+            CONC__UNLOCK(&f->mu);
+            conc__sel_fini(&s);
+            return e;
+        }
+    }
+    w.sel = &s;
+    w.elem = NULL;
+    w.case_index = 0;
+    w.since = 0;
+    conc__wq_push(&f->waiters, &w);
+    /* a blocked wait holds its own reference: the handle may be freed meanwhile, and the
+       job's reference is dropped as soon as it has woken us, before we read the result */
+    atomic_fetch_add_explicit(&f->refs, 1, CONC__RELAXED);
+    CONC__UNLOCK(&f->mu);
+
+    conc__sel_park(&s);
+    int rc;
+    if (atomic_load_explicit(&s.fired, CONC__RELAXED) == CONC__OWN_CTX) {
+        CONC__LOCK(&f->mu);
+        if (w.queued) conc__wq_remove(&f->waiters, &w);
+        CONC__UNLOCK(&f->mu);
+        rc = s.status;
+    } else {
+        if (reg) conc__ctx_unregister(ctx, &cw);
+        rc = conc__future_get(f, result);
+    }
+    conc__sel_fini(&s);
+    conc__future_unref(f); /* after the last read of f */
+    return rc;
+}
+
+CONC_API int conc_future_free(conc_future_t *f) {
+    if (f) conc__future_unref(f); /* waits still blocked keep it alive with their own */
+    return 0;
+}
+
+/* ---- pools ---- */
+/* A pool is the worker pool as Go programs write it: `workers` threads and a jobs channel
+   of capacity cap that they receive from until it is closed and drained. With cap > 0 it
+   is exactly that (jobs, a conc_chan_t): a job's journey is the channel's, with all its
+   guarantees - a submit is a send (blocking with its context, or a try_send), accepted
+   exactly once, FIFO, with the channel's backpressure statistics and its lock-free ring.
+   With cap 0 it is the same hand-off without a channel: the worker engine (see above) with
+   its limit at `workers` and every worker started up front, never ending while idle, so a
+   job goes from the submitter to a waiting worker's box with one CAS. The pool adds the
+   context handed to every job, futures, and the shutdown's take-back.
+
+   Invariants:
+   - A job is accepted exactly when its submit returns 0. Then (cap > 0) exactly one
+     receive takes it: a worker's (the job runs once) or, once a shutdown has run out of
+     time, the shutdown's (the job is reported unrun once); nothing else receives from
+     jobs. With cap 0 an accepted job is a worker's already (the engine's invariants) and
+     runs once.
+   - Shutdown closes jobs (cap 0: the engine's shutdown) first: submits after it and
+     submits blocked then get CONC_SHUTDOWN; the workers drain what was accepted and
+     leave their loop; `live` counts the workers that have not left it.
+   - Each worker counts its completed jobs itself, on a cache line of its own (two workers
+     bumping one shared counter would move it between them on every job). A job counts
+     as running from the receive that took it (the channel counts receives under its lock)
+     until its worker's count or unrun includes it.
+   Lock order: join_mu is taken alone (around the joins). */
+
+typedef struct conc__pool_worker {
+    _Alignas(64) _Atomic uint64_t completed; /* written by this worker only, after the job returned */
+    conc_pool_t *pool;                    /* immutable */
+    conc__thread *thread;                 /* immutable once started; joined by conc__pool_join */
+} conc__pool_worker;
+
+struct conc_pool {
+    conc__core core;             /* cap 0: the engine and its threads (first: its workers' core pointer casts back) */
+    void *alloc;                 /* what CONC_MALLOC returned (the pool is 64-byte aligned in it) */
+    conc_chan_t *jobs;           /* cap > 0: the queue, of conc__job; NULL with cap 0 */
+    conc_ctx_t *ctx;             /* handed to every job; cancelled by a shutdown out of time (cap 0: core.ctx) */
+    conc_wg_t *live;             /* cap > 0: workers still in their loop */
+    conc__pool_worker *workers;  /* cap > 0: nworkers, cache-line aligned inside workers_alloc */
+    void *workers_alloc;
+    size_t nworkers;             /* cap > 0: workers started (immutable once the pool is returned) */
+    pthread_mutex_t join_mu;     /* held by the joiner: a second shutdown returns after the first has joined */
+    bool joined;                 /* (join_mu) */
+    _Atomic uint64_t rejected, canceled, unrun;
+};
+
+/* The engine's per-job hook for a pool (cap 0): count, then complete the future. */
+static void conc__pool_task_done(conc__worker *wk, const conc__job *job, int rc) {
+    atomic_store_explicit(&wk->finished, atomic_load_explicit(&wk->finished, CONC__RELAXED) + 1, CONC__RELEASE);
+    if (job->fut) conc__future_complete(job->fut, 0, rc);
+}
+
+static void conc__pool_worker_main(void *arg) {
+    conc__pool_worker *wk = (conc__pool_worker *)arg;
+    conc_pool_t *p = wk->pool;
+    conc__job job;
+    while (conc_chan_recv(p->jobs, &job, NULL) == 0) {
+        int rc = job.fn(job.arg, p->ctx);
+        atomic_store_explicit(&wk->completed, atomic_load_explicit(&wk->completed, CONC__RELAXED) + 1,
+                              CONC__RELEASE);
+        if (job.fut) conc__future_complete(job.fut, 0, rc);
+    }
+    conc_wg_done(p->live); /* the last touch of p: after it the pool may be freed (after a join) */
+}
+
+/* Joins every worker (all have left their loop: live is 0). */
+static void conc__pool_join(conc_pool_t *p) {
+    if (!p->jobs) {
+        conc__core_join(&p->core);
+        return;
+    }
+    CONC__LOCK(&p->join_mu);
+    if (!p->joined) {
+        for (size_t i = 0; i < p->nworkers; i++) conc__thread_join(p->workers[i].thread);
+        p->joined = true;
+    }
+    CONC__UNLOCK(&p->join_mu);
+}
+
+/* Frees what conc_pool_new_at set up, once every started worker has left and been joined
+   (cap 0: conc__core_destroy did that). */
+static void conc__pool_destroy(conc_pool_t *p) {
+    for (size_t i = 0; i < p->nworkers; i++) {
+        CONC__CHECKED(&p->workers[i].completed);
+    }
+    CONC__CHECKED(&p->rejected);
+    CONC__CHECKED(&p->canceled);
+    CONC__CHECKED(&p->unrun);
+    if (p->jobs) {
+        conc_ctx_release(p->ctx);
+        conc_wg_free(p->live);
+        conc_chan_free(p->jobs);
+    }
+    pthread_mutex_destroy(&p->join_mu);
+    CONC_FREE(p->workers_alloc);
+    CONC_FREE(p->alloc);
+}
+
+/* cap 0: the engine, limited to `workers`, each started now. */
+static int conc__pool_start_core(conc_pool_t *p, size_t workers, conc_ctx_t *parent, const char *file, int line) {
+    conc__core *c = &p->core;
+    if (conc__core_init(c, parent, -1, "pool worker", file, line) != 0) return CONC_NOMEM;
+    c->pool = true;
+    c->limit = workers > (size_t)INT64_MAX ? INT64_MAX : (int64_t)workers;
+    p->ctx = c->ctx;
+    for (size_t i = 0; i < workers; i++) {
+        conc__spin_lock(&c->mu);
+        c->nworkers++;
+        conc__core_limit_flags_locked(c);
+        conc__spin_unlock(&c->mu);
+        int rc = conc__core_start_worker(c, NULL);
+        if (rc != 0) {
+            conc__spin_lock(&c->mu);
+            c->nworkers--;
+            conc__spin_unlock(&c->mu);
+            conc__core_destroy(c); /* the started ones leave at once: nothing was accepted */
+            return rc;
+        }
+    }
+    return 0;
+}
+
+CONC_API conc_pool_t *conc_pool_new_at(size_t workers, size_t cap, conc_ctx_t *parent, const char *file, int line) {
+    if (workers == 0 || workers > (SIZE_MAX - 63) / sizeof(conc__pool_worker)) return NULL;
+    void *alloc = CONC_MALLOC(sizeof(conc_pool_t) + 63);
+    if (!alloc) return NULL;
+    conc_pool_t *p = (conc_pool_t *)(void *)(((uintptr_t)alloc + 63) & ~(uintptr_t)63);
+    memset(p, 0, sizeof *p);
+    p->alloc = alloc;
+    conc__mutex_init(&p->join_mu);
+    /* counters read without a lock by conc_pool_stats_get: Helgrind is told not to check them */
+    CONC__UNCHECKED(&p->rejected);
+    CONC__UNCHECKED(&p->canceled);
+    CONC__UNCHECKED(&p->unrun);
+    atomic_init(&p->rejected, 0);
+    atomic_init(&p->canceled, 0);
+    atomic_init(&p->unrun, 0);
+    if (cap == 0) {
+        if (conc__pool_start_core(p, workers, parent, file, line) != 0) {
+            conc__pool_destroy(p);
+            return NULL;
+        }
+        return p;
+    }
+    p->jobs = conc_chan_new(sizeof(conc__job), cap);
+    p->ctx = conc_ctx_with_cancel(parent);
+    p->live = conc_wg_new();
+    p->workers_alloc = CONC_MALLOC(workers * sizeof(conc__pool_worker) + 63);
+    if (!p->jobs || !p->ctx || !p->live || !p->workers_alloc) {
+        if (!p->jobs) { /* destroy frees the channel's parts only with a channel */
+            conc_ctx_release(p->ctx);
+            conc_wg_free(p->live);
+        }
+        conc__pool_destroy(p); /* each part is NULL or fresh: freeing NULL is a no-op */
+        return NULL;
+    }
+    p->workers = (conc__pool_worker *)(void *)(((uintptr_t)p->workers_alloc + 63) & ~(uintptr_t)63);
+    for (size_t i = 0; i < workers; i++) {
+        conc__pool_worker *wk = &p->workers[i];
+        CONC__UNCHECKED(&wk->completed);
+        atomic_init(&wk->completed, 0);
+        wk->pool = p;
+        conc_wg_add(p->live, 1);
+        if (conc__thread_start(&wk->thread, conc__pool_worker_main, wk, "pool worker", file, line, 0) != 0) {
+            conc_wg_done(p->live);
+            CONC__CHECKED(&wk->completed); /* not counted in nworkers: destroy skips it */
+            conc_chan_close(p->jobs); /* the started ones leave at once: nothing was accepted */
+            conc_wg_wait(p->live, NULL);
+            conc__pool_join(p);
+            conc__pool_destroy(p);
+            return NULL;
+        }
+        p->nworkers = i + 1;
+    }
+    return p;
+}
+
+CONC_API conc_ctx_t *conc_pool_ctx(const conc_pool_t *pool) { return pool ? pool->ctx : NULL; }
+
+static int conc__pool_submit(conc_pool_t *pool, conc_task_fn fn, void *arg, conc_future_t **out, conc_ctx_t *ctx,
+                             bool block) {
+    conc__job job;
+    int rc;
+    if (out) *out = NULL;
+    if (!pool || !fn) return CONC_INVALID;
+    job.fn = fn;
+    job.arg = arg;
+    job.fut = NULL;
+    if (out && !(job.fut = conc__future_new())) return CONC_NOMEM;
+    if (!pool->jobs) {
+        rc = conc__core_submit(&pool->core, &job, ctx, block);
+    } else {
+        rc = block ? conc_chan_send(pool->jobs, &job, ctx) : conc_chan_try_send(pool->jobs, &job);
+        if (rc == CONC_CLOSED) rc = CONC_SHUTDOWN;
+    }
+    if (rc == CONC_WOULD_BLOCK || rc == CONC_SHUTDOWN) atomic_fetch_add_explicit(&pool->rejected, 1, CONC__RELAXED);
+    else if (rc != 0) atomic_fetch_add_explicit(&pool->canceled, 1, CONC__RELAXED); /* the ctx's err */
+    if (out) {
+        if (rc == 0) {
+            *out = job.fut;
+        } else {
+            conc__future_unref(job.fut); /* the job's reference and the caller's */
+            conc__future_unref(job.fut);
+        }
+    }
+    return rc;
+}
+
+CONC_API int conc_pool_submit(conc_pool_t *pool, conc_task_fn fn, void *arg, conc_ctx_t *ctx) {
+    return conc__pool_submit(pool, fn, arg, NULL, ctx, true);
+}
+CONC_API int conc_pool_try_submit(conc_pool_t *pool, conc_task_fn fn, void *arg) {
+    return conc__pool_submit(pool, fn, arg, NULL, NULL, false);
+}
+CONC_API int conc_pool_submit_future(conc_pool_t *pool, conc_task_fn fn, void *arg, conc_future_t **out,
+                                     conc_ctx_t *ctx) {
+    if (!out) return CONC_INVALID;
+    return conc__pool_submit(pool, fn, arg, out, ctx, true);
+}
+CONC_API int conc_pool_try_submit_future(conc_pool_t *pool, conc_task_fn fn, void *arg, conc_future_t **out) {
+    if (!out) return CONC_INVALID;
+    return conc__pool_submit(pool, fn, arg, out, NULL, false);
+}
+
+/* A job the shutdown took back: it never runs. */
+static void conc__pool_report_unrun(const conc__job *job, conc_pool_unrun_fn unrun, void *unrun_arg) {
+    if (job->fut) conc__future_complete(job->fut, CONC_SHUTDOWN, 0);
+    if (unrun) unrun(job->fn, job->arg, unrun_arg);
+}
+
+CONC_API int conc_pool_shutdown(conc_pool_t *pool, conc_pool_unrun_fn unrun, void *unrun_arg, conc_ctx_t *ctx) {
+    if (!pool) return CONC_INVALID;
+    if (!pool->jobs) { /* cap 0: nothing is queued, so nothing to take back */
+        conc__core_begin_shutdown(&pool->core);
+        int rc = conc_wg_wait(pool->core.live, ctx);
+        if (rc == 0) conc__pool_join(pool);
+        else conc_ctx_cancel(pool->ctx);
+        return rc;
+    }
+    conc_chan_close(pool->jobs); /* CONC_CLOSED from a second shutdown: nothing to do */
+    int rc = conc_wg_wait(pool->live, ctx);
+    if (rc == 0) {
+        conc__pool_join(pool);
+        return 0;
+    }
+    /* out of time: first take back what never started, so that no worker starts it with
+       the context about to end, then stop what runs and report. A worker may still take
+       a job meanwhile: whoever receives it owns it. Without memory for the list, one job
+       at a time after the cancel. */
+    size_t cap = conc_chan_len(pool->jobs), nleft = 0; /* no more can come: jobs is closed */
+    conc__job *left = cap ? (conc__job *)CONC_MALLOC(cap * sizeof *left) : NULL;
+    if (left)
+        while (nleft < cap && conc_chan_try_recv(pool->jobs, &left[nleft]) == 0) {
+            nleft++;
+            atomic_fetch_add_explicit(&pool->unrun, 1, CONC__RELEASE); /* as it leaves the channel: stats' running */
+        }
+    conc_ctx_cancel(pool->ctx);
+    for (size_t i = 0; i < nleft; i++) conc__pool_report_unrun(&left[i], unrun, unrun_arg);
+    CONC_FREE(left);
+    conc__job job;
+    while (conc_chan_try_recv(pool->jobs, &job) == 0) {
+        atomic_fetch_add_explicit(&pool->unrun, 1, CONC__RELEASE);
+        conc__pool_report_unrun(&job, unrun, unrun_arg);
+    }
+    return rc;
+}
+
+CONC_API void conc_pool_free(conc_pool_t *pool) {
+    if (!pool) return;
+    if (!pool->jobs) {
+        conc__core_destroy(&pool->core); /* the running jobs end first, as in a shutdown */
+    } else {
+        conc_chan_close(pool->jobs);
+        conc_wg_wait(pool->live, NULL); /* the queued jobs run first, as in a shutdown */
+        conc__pool_join(pool);
+    }
+    conc__pool_destroy(pool);
+}
+
+CONC_API void conc_pool_stats_get(conc_pool_t *pool, conc_pool_stats *out) {
+    if (!out) return;
+    memset(out, 0, sizeof *out);
+    if (!pool) return;
+    out->rejected = atomic_load_explicit(&pool->rejected, CONC__RELAXED);
+    out->canceled = atomic_load_explicit(&pool->canceled, CONC__RELAXED);
+    if (!pool->jobs) {
+        conc__core *c = &pool->core;
+        conc__spin_lock(&c->mu);
+        {
+            conc__core_totals_locked(c, &out->submitted, &out->completed);
+            out->blocked = c->blocked_n;
+            out->running = (size_t)conc__core_running_locked(c);
+        }
+        conc__spin_unlock(&c->mu);
+        out->blocked_ns = atomic_load_explicit(&c->blocked_ns, CONC__RELAXED);
+        return;
+    }
+    conc_chan_stats cs;
+    uint64_t completed = 0;
+    /* completed and unrun before the channel's receives: every job they count was received
+       first, so running (received, neither completed nor taken back) never looks negative.
+       A job handed to a worker counts from the hand-off, not from when the worker wakes. */
+    for (size_t i = 0; i < pool->nworkers; i++)
+        completed += atomic_load_explicit(&pool->workers[i].completed, CONC__ACQUIRE);
+    uint64_t unrun = atomic_load_explicit(&pool->unrun, CONC__ACQUIRE);
+    conc_chan_stats_get(pool->jobs, &cs);
+    out->submitted = cs.sends;
+    out->completed = completed;
+    out->unrun = unrun;
+    out->blocked = cs.blocked_sends;
+    out->blocked_ns = cs.send_wait_ns;
+    out->high_water = cs.high_water;
+    out->queued = conc_chan_len(pool->jobs);
+    out->running = cs.recvs >= completed + unrun ? (size_t)(cs.recvs - completed - unrun) : 0;
+}
+
+/* ======================================================================== */
+/* >>group: error groups                                                    */
+/* ======================================================================== */
 /* ---- groups ---- */
 /* x/sync/errgroup on the engine above: no queue, no fixed worker count (a go that finds
    no waiting worker and is under the limit starts one; workers stay for the next tasks
@@ -5052,7 +5153,8 @@ static void conc__group_task_done(conc__core *core, conc__worker *wk, const conc
 }
 
 static void conc__core_task_done(conc__core *core, conc__worker *wk, const conc__job *job, int rc) {
-    conc__group_task_done(core, wk, job, rc);
+    if (core->pool) conc__pool_task_done(wk, job, rc);
+    else conc__group_task_done(core, wk, job, rc);
 }
 
 /* Blocks until no task runs (each task's outcome was recorded before its worker counted
@@ -5172,17 +5274,12 @@ CONC_API void conc_group_stats_get(conc_group_t *g, conc_group_stats *out) {
     if (!g) return;
     conc__spin_lock(&g->core.mu);
     {
-        out->started = g->core.submitted;
-        for (int i = 0; i < atomic_load_explicit(&g->core.nbox, CONC__RELAXED); i++)
-            out->started += atomic_load_explicit(&g->core.box[i].given, CONC__RELAXED);
+        conc__core_totals_locked(&g->core, &out->started, &out->finished);
         out->blocked = g->core.blocked_n;
         out->blocked_ns = atomic_load_explicit(&g->core.blocked_ns, CONC__RELAXED);
         out->threads = g->core.threads;
         out->running = (size_t)conc__core_running_locked(&g->core);
         out->threads_live = g->core.nworkers;
-        out->finished = g->core.finished_left;
-        for (conc__worker *w = g->core.all; w; w = w->next)
-            out->finished += atomic_load_explicit(&w->finished, CONC__RELAXED);
     }
     conc__spin_unlock(&g->core.mu);
     out->failed = atomic_load_explicit(&g->failed, CONC__RELAXED);

@@ -674,6 +674,12 @@ static int job_hold(void *arg, conc_ctx_t *ctx) {
 
 /* true once n receives by the pool's workers have blocked on its jobs channel (white box) */
 static bool workers_parked(conc_pool_t *p, size_t n) {
+    if (!p->jobs) { /* cap 0: the engine's workers wait in boxes */
+        size_t posted = 0;
+        for (int i = 0; i < CONC__BOXES; i++)
+            posted += atomic_load(&p->core.box[i].s.fired) == CONC__UNFIRED;
+        return posted >= n;
+    }
     conc_chan_stats cs;
     conc_chan_stats_get(p->jobs, &cs);
     return cs.blocked_recvs >= n;
