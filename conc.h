@@ -200,8 +200,11 @@ POOLS  (>>pool)
    and an argument, int fn(void *arg, conc_ctx_t *ctx), called on a worker with the pool's
    context (conc_pool_ctx). Its threads are registered (>>thread) as "pool worker" with the
    file:line of the conc_pool_new call, and they are reused for every job. Inside, a pool
-   is what a Go programmer would write: a channel of jobs (>>chan) that the workers receive
-   from until it is closed, so the queue has the channel's guarantees and its cost.
+   with cap > 0 is what a Go programmer would write: a channel of jobs (>>chan) that the
+   workers receive from until it is closed, so the queue has the channel's guarantees and
+   its cost. With cap 0 there is nothing to queue, and a submit hands its job straight to
+   a waiting worker through a cache line that worker waits on (one compare-and-swap, no
+   lock: the cheapest hand-off between threads), with the same guarantees.
 
    - conc_pool_submit(p, fn, arg, ctx) hands the job to a waiting worker, else queues it,
      else blocks until a worker or a slot frees up (returning the ctx's err if ctx ends
@@ -960,9 +963,10 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_siz
    conc_pool_ctx(p)           The pool's context (owned by p; valid until free).
    conc_pool_stats_get(p, &s) A snapshot of p's statistics, each read at one moment
                               (the counters are not frozen together: running and queued
-                              may be off by the jobs moving at that moment). submitted,
-                              blocked, blocked_ns and high_water are the jobs channel's own
-                              statistics (conc_chan_stats_get).
+                              may be off by the jobs moving at that moment). With cap > 0,
+                              submitted, blocked, blocked_ns and high_water are the jobs
+                              channel's own statistics (conc_chan_stats_get); with cap 0,
+                              high_water and queued are 0.
    conc_future_wait(f, &r, ctx)  Blocks: until the job has run. Returns: 0 with the job's
                               return value in r (r may be NULL); CONC_SHUTDOWN (the job never
                               ran: shutdown reported it); the ctx's err; CONC_INVALID (f NULL).
@@ -2919,7 +2923,7 @@ static int conc__recv_locked(conc_chan_t *ch, void *elem, conc__waiter **wake) {
     return CONC_WOULD_BLOCK;
 }
 
-/* The blocking step shared by channels and the group engine (its blocked submitters and
+/* The blocking step shared by channels and the worker engine (its blocked submitters and
    its waits for no active task; all guard their queues with a conc__spinlock). mu held on
    entry, released on return. Queues the caller on q with elem, counts it in *blocked
    (under mu; may be NULL), parks until a peer claims it (the peer sets the status and,
@@ -4646,8 +4650,8 @@ static int conc__core_submit(conc__core *c, const conc__job *job, conc_ctx_t *ct
 /* ======================================================================== */
 /* >>pool: worker pools and futures                                         */
 /* ======================================================================== */
-/* Futures, then pools: a jobs channel and the threads that receive from it (the group's
-   engine, conc__core, is in >>group). */
+/* Futures, then pools: a jobs channel and the threads that receive from it, or (cap 0)
+   the worker engine of the section above. */
 
 /* ---- futures ---- */
 /* A future is shared by the job (one reference, dropped when it completes it), the
