@@ -1211,11 +1211,14 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_siz
 #define CONC__ON_VALGRIND() 0
 #endif
 
-/* for the few helpers shared by two hot paths that differ by a constant (send / receive) */
+/* for the few helpers shared by two hot paths that differ by a constant (send / receive);
+   and for slow paths kept out of line, so that the fast path around them needs no frame */
 #if defined(__GNUC__) || defined(__clang__)
 #define CONC__ALWAYS_INLINE static inline __attribute__((always_inline))
+#define CONC__OUT_OF_LINE static __attribute__((noinline, cold))
 #else
 #define CONC__ALWAYS_INLINE static inline
+#define CONC__OUT_OF_LINE static
 #endif
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -3457,7 +3460,7 @@ static inline int conc__wg_next(uint64_t c, int64_t delta, uint64_t *out) {
 
 /* An add that takes the counter to 0 while someone waits: under mu, where the WAITERS bit
    cannot change, so the CAS loop below only races other adds. */
-static int conc__wg_add_slow(conc_wg_t *wg, int64_t delta) {
+CONC__OUT_OF_LINE int conc__wg_add_slow(conc_wg_t *wg, int64_t delta) {
     conc__waiter *wake = NULL, *w;
     int rc;
     CONC__LOCK(&wg->mu);
