@@ -3995,7 +3995,10 @@ typedef struct conc__job {
      or the owner, before the owner runs it), done those its owner has finished (after
      the outcome is recorded): given - done is 0 or 1.
    - Jobs running = active (jobs of workers without a box: handed under mu, finished under
-     mu) + the sum over the boxes of given - done (read done first: it never passes given).
+     mu) + the sum over the boxes of given - done, read as every done, then every given: a
+     task that hands a child to one box and ends in another while the sum is read is then
+     counted with its child or still running, never as neither (box by box, the child's
+     box may be read before the hand-off and the parent's after its end).
      The limit bounds it. While nworkers <= limit (flag OVER clear) a free worker proves a
      free slot, so the submit's lock-free path needs no count; threads are started only
      while nworkers < limit.
@@ -4028,6 +4031,7 @@ struct conc__core;
 #define CONC__CF_OVER 8u    /* limit >= 0 and nworkers > limit: submits count the jobs running */
 #define CONC__CF_CAPPED 16u /* limit >= 0 and nworkers >= limit: no thread to start, so a submit
                                that finds no free box watches the boxes for a moment */
+#define CONC__CF_IDLE 32u   /* idle holds a worker: a submit that finds no free box has one under mu */
 
 typedef struct conc__box {
     _Alignas(64) conc__sel s;   /* fired UNFIRED: free, its owner waits in it */
@@ -4046,7 +4050,7 @@ typedef struct conc__worker {
     conc__box *box;             /* (mu; read by this worker without it) the box it waits in, or NULL */
     conc__thread *thread;       /* (core.mu) set once started; joined by the core's joiner */
     struct conc__worker *next;  /* (core.mu) core.all */
-    _Atomic uint64_t finished;  /* tasks this worker ran: written by it only (relaxed) */
+    _Atomic uint64_t finished;  /* tasks this worker ran: written by it only (release, after the task) */
 } conc__worker;
 
 typedef struct conc__core {
@@ -4105,20 +4109,24 @@ static void conc__core_limit_flags_locked(conc__core *c) {
 static int64_t conc__core_running_locked(conc__core *c) {
     int64_t n = c->active;
     int nb = atomic_load_explicit(&c->nbox, CONC__RELAXED);
+    /* every done first, then every given: a task that hands a child to a box and finishes
+       while we scan is seen either still running (its done not read yet) or together with
+       its child's given (read after its done: the hand-off happens before it) */
     for (int i = 0; i < nb; i++) {
-        uint64_t d = atomic_load_explicit(&c->box[i].done, CONC__ACQUIRE);
+        n -= (int64_t)atomic_load_explicit(&c->box[i].done, CONC__ACQUIRE);
         CONC__HB_AFTER(&c->box[i].done); /* the finished tasks happen before whoever counts them */
-        n += (int64_t)(atomic_load_explicit(&c->box[i].given, CONC__RELAXED) - d);
     }
+    for (int i = 0; i < nb; i++) n += (int64_t)atomic_load_explicit(&c->box[i].given, CONC__RELAXED);
     return n;
 }
 
 /* mu held: jobs accepted so far, and finished so far (statistics). */
 static void conc__core_totals_locked(conc__core *c, uint64_t *accepted, uint64_t *finished) {
     uint64_t a = c->submitted, f = c->finished_left;
+    /* finished first (acquire: a job's hand-off happens before its count), then given */
+    for (conc__worker *w = c->all; w; w = w->next) f += atomic_load_explicit(&w->finished, CONC__ACQUIRE);
     for (int i = 0; i < atomic_load_explicit(&c->nbox, CONC__RELAXED); i++)
         a += atomic_load_explicit(&c->box[i].given, CONC__RELAXED);
-    for (conc__worker *w = c->all; w; w = w->next) f += atomic_load_explicit(&w->finished, CONC__ACQUIRE);
     *accepted = a;
     *finished = f;
 }
@@ -4240,6 +4248,7 @@ static int conc__core_accept_locked(conc__core *c, const conc__job *job, conc__w
             }
         conc__worker *wk = (conc__worker *)(void *)iw; /* w is the first member */
         conc__wq_remove(&c->idle, iw);
+        if (!c->idle.head) conc__core_flag_locked(c, CONC__CF_IDLE, false);
         bool claimed = conc__sel_claim(&wk->s, 0); /* idle workers are claimed only here and by shutdown */
         CONC_ASSERT(claimed);
         (void)claimed;
@@ -4337,7 +4346,10 @@ static bool conc__worker_leave_idle(conc__core *c, conc__worker *wk) {
         conc__spin_unlock(&c->mu);
         return false;
     }
-    if (!wk->box) conc__wq_remove(&c->idle, &wk->w);
+    if (!wk->box) {
+        conc__wq_remove(&c->idle, &wk->w);
+        if (!c->idle.head) conc__core_flag_locked(c, CONC__CF_IDLE, false);
+    }
     conc__worker_quit_locked(c, wk);
     conc__worker **p = &c->all;
     while (*p != wk) p = &(*p)->next;
@@ -4422,6 +4434,7 @@ static void conc__worker_main(void *arg) {
                     wk->w.elem = &wk->job;
                     wk->w.case_index = 0;
                     conc__wq_push_front(&c->idle, &wk->w);
+                    conc__core_flag_locked(c, CONC__CF_IDLE, true);
                 }
             }
         }
@@ -4559,6 +4572,7 @@ static void conc__core_begin_shutdown(conc__core *c) {
             w->sel->status = CONC_SHUTDOWN;
             conc__wake_push(&wake, w);
         }
+        conc__core_flag_locked(c, CONC__CF_IDLE, false);
         for (int i = 0; i < CONC__BOXES; i++) {
             conc__box *b = &c->box[i];
             if (b->owner && conc__sel_claim(&b->s, 0)) {
@@ -4895,6 +4909,7 @@ static int conc__pool_start_core(conc_pool_t *p, size_t workers, conc_ctx_t *par
         if (rc != 0) {
             conc__spin_lock(&c->mu);
             c->nworkers--;
+            conc__core_limit_flags_locked(c);
             conc__spin_unlock(&c->mu);
             conc__core_destroy(c); /* the started ones leave at once: nothing was accepted */
             return rc;
@@ -5155,7 +5170,7 @@ static void conc__group_task_done(conc__core *core, conc__worker *wk, const conc
         }
         CONC__UNLOCK(&g->emu);
     }
-    atomic_store_explicit(&wk->finished, atomic_load_explicit(&wk->finished, CONC__RELAXED) + 1, CONC__RELAXED);
+    atomic_store_explicit(&wk->finished, atomic_load_explicit(&wk->finished, CONC__RELAXED) + 1, CONC__RELEASE);
     if (first) conc_ctx_cancel_cause(core->ctx, rc);
 }
 

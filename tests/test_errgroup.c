@@ -567,6 +567,66 @@ TEST(stress_go_cancel_races_limit) {
     conc_group_free(g);
 }
 
+/* A task hands a child task to a box (one of the first 8 workers to wait) and returns
+   while a wait counts the tasks running. The parent waits in a high box, the child lands
+   in a low one (the low ones' short tasks have just ended): a count that reads box by box
+   (given - done of box 0, then of box 7) sees the child not yet given and the parent
+   already done, and a wait returns 0 with the child still running. */
+typedef struct {
+    conc_group_t *g;
+    _Atomic long xdone, child_done;
+    long xwant;
+} spawn_arg;
+static spawn_arg spawn_a;
+
+static int spawn_child(void *arg, conc_ctx_t *ctx) {
+    (void)ctx;
+    spawn_arg *s = (spawn_arg *)arg;
+    for (volatile int i = 0; i < 3000; i++) {
+    }
+    atomic_fetch_add(&s->child_done, 1);
+    return 0;
+}
+static int spawn_x(void *arg, conc_ctx_t *ctx) {
+    (void)ctx;
+    atomic_fetch_add(&((spawn_arg *)arg)->xdone, 1);
+    return 0;
+}
+static int spawn_parent(void *arg, conc_ctx_t *ctx) {
+    (void)ctx;
+    spawn_arg *s = (spawn_arg *)arg;
+    while (atomic_load(&s->xdone) < s->xwant) sched_yield();
+    return conc_group_go(s->g, spawn_child, s, NULL);
+}
+
+TEST(stress_wait_counts_tasks_started_by_tasks) {
+    long rounds = tap_iters(1500);
+    spawn_arg *s = &spawn_a;
+    s->g = conc_group_new(NULL);
+    ASSERT(s->g != NULL);
+    atomic_store(&s->xdone, 0);
+    atomic_store(&s->child_done, 0);
+    s->xwant = 0;
+    for (long r = 1; r <= rounds; r++) {
+        for (int i = 0; i < 6; i++) ASSERT_EQ(conc_group_go(s->g, spawn_x, s, NULL), 0);
+        s->xwant += 6; /* read by the parent: the go below publishes it */
+        ASSERT_EQ(conc_group_go(s->g, spawn_parent, s, NULL), 0);
+        if (r % 4 != 0) { /* polling counts far more often than a wait does */
+            while (conc_group_try_wait(s->g) == CONC_WOULD_BLOCK) {
+            }
+        } else {
+            ASSERT_EQ(conc_group_wait(s->g, NULL), 0);
+        }
+        long d = atomic_load(&s->child_done);
+        EXPECT_EQ(d, r); /* the child ran before the wait saw no task running */
+        if (d != r) {
+            while (atomic_load(&s->child_done) != r) sched_yield();
+            break;
+        }
+    }
+    conc_group_free(s->g);
+}
+
 int main(void) {
     RUN(all_ok);
     RUN(first_error_cancels_and_is_never_replaced);
@@ -579,6 +639,7 @@ int main(void) {
     RUN(stress_racing_errors);
     RUN(stress_go_cancel_races_limit);
     RUN(stress_many_groups_errors_and_limits);
+    RUN(stress_wait_counts_tasks_started_by_tasks);
     RUN(no_thread_leaks_after_everything);
     return tap_done();
 }
