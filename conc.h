@@ -3974,11 +3974,13 @@ typedef struct conc__job {
    `flags` (a line read by every submit, written under mu) sends submits to the lock while
    a submitter is blocked (FIFO: a newcomer must not overtake it), during a shutdown, and
    while there are more workers than the limit allows to run at once (only then must a
-   submit count the jobs running). A worker posts its box without mu, then re-reads flags
-   after a fence; a submitter that blocks, a shutdown and a wait for no job running set
-   their flag under mu, fence, then look at the boxes: one of the two sees the other
-   (Dekker), so a job never waits in the queue beside a free box, and a posted box never
-   misses a shutdown or a wait for the last job.
+   submit count the jobs running). A worker counts its finished job (done) and posts its
+   box without mu, then re-reads flags; a submitter that blocks, a shutdown and a wait for
+   no job running set their flag under mu, then look at the boxes (fired, done). All four
+   accesses of such a pair are seq_cst, so they fall in one total order and one of the two
+   sees the other (Dekker; no standalone fence, which ThreadSanitizer cannot check): a job
+   never waits in the queue beside a free box, and a posted box never misses a shutdown or
+   a wait for the last job.
 
    Invariants (all under mu but the box protocol):
    - A job is accepted exactly once and then runs exactly once: it moves from the
@@ -4088,14 +4090,13 @@ static bool conc__worker_asleep(conc__worker *wk) {
     return atomic_load_explicit(&wk->s.park, CONC__RELAXED) > CONC__PARK_DONE;
 }
 
-/* mu held. Sets or clears flag bits. A bit that a Dekker pair depends on (BLOCKED,
-   SHUT, DRAIN) is set with a fence after it, before the setter looks at the boxes. */
+/* mu held. Sets or clears flag bits (seq_cst: BLOCKED, SHUT and DRAIN are one side of a
+   Dekker pair with the boxes, see above). */
 static void conc__core_flag_locked(conc__core *c, unsigned bits, bool on) {
     unsigned f = atomic_load_explicit(&c->flags, CONC__RELAXED);
     unsigned nf = on ? f | bits : f & ~bits;
     if (nf == f) return;
     atomic_store_explicit(&c->flags, nf, CONC__SEQ_CST);
-    if (on) atomic_thread_fence(CONC__SEQ_CST);
 }
 
 /* mu held: OVER and CAPPED from limit and nworkers (call after either changes). */
@@ -4113,7 +4114,7 @@ static int64_t conc__core_running_locked(conc__core *c) {
        while we scan is seen either still running (its done not read yet) or together with
        its child's given (read after its done: the hand-off happens before it) */
     for (int i = 0; i < nb; i++) {
-        n -= (int64_t)atomic_load_explicit(&c->box[i].done, CONC__ACQUIRE);
+        n -= (int64_t)atomic_load_explicit(&c->box[i].done, CONC__SEQ_CST); /* Dekker with DRAIN */
         CONC__HB_AFTER(&c->box[i].done); /* the finished tasks happen before whoever counts them */
     }
     for (int i = 0; i < nb; i++) n += (int64_t)atomic_load_explicit(&c->box[i].given, CONC__RELAXED);
@@ -4139,12 +4140,12 @@ static bool conc__core_has_slot_locked(conc__core *c) {
 /* ---- boxes ---- */
 
 /* The owner makes its box free again (the last job's reads happen before the next
-   claimer's writes). Whoever must not miss this (flags) is looked for after a fence. */
+   claimer's writes); seq_cst: the owner then reads flags (Dekker, see above). */
 static void conc__box_post(conc__box *b) {
     b->s.status = 0;
     atomic_store_explicit(&b->s.park, CONC__PARK_WAITING, CONC__RELAXED);
     CONC__HB_BEFORE(&b->job);
-    atomic_store_explicit(&b->s.fired, CONC__UNFIRED, CONC__RELEASE);
+    atomic_store_explicit(&b->s.fired, CONC__UNFIRED, CONC__SEQ_CST);
 }
 
 /* Claims a free box, preferring one whose owner is awake (waking a sleeper costs the
@@ -4154,7 +4155,7 @@ static conc__box *conc__core_claim_box(conc__core *c) {
     conc__box *sleeper = NULL;
     for (int i = 0; i < nb; i++) {
         conc__box *b = &c->box[i];
-        if (atomic_load_explicit(&b->s.fired, CONC__RELAXED) != CONC__UNFIRED) continue;
+        if (atomic_load_explicit(&b->s.fired, CONC__SEQ_CST) != CONC__UNFIRED) continue; /* Dekker */
         if (atomic_load_explicit(&b->s.park, CONC__RELAXED) > CONC__PARK_DONE) {
             if (!sleeper) sleeper = b;
         } else if (conc__sel_claim(&b->s, 0)) {
@@ -4394,13 +4395,12 @@ static void conc__worker_main(void *arg) {
             conc__core_run(c, wk, &job);
             if (boxed) {
                 CONC__HB_BEFORE(&b->done);
-                atomic_store_explicit(&b->done, atomic_load_explicit(&b->done, CONC__RELAXED) + 1, CONC__RELEASE);
+                atomic_store_explicit(&b->done, atomic_load_explicit(&b->done, CONC__RELAXED) + 1, CONC__SEQ_CST);
             }
         }
         if (b && (!have || boxed) && !(atomic_load_explicit(&c->flags, CONC__RELAXED) & (CONC__CF_BLOCKED | CONC__CF_SHUT))) {
             conc__box_post(b);
-            atomic_thread_fence(CONC__SEQ_CST); /* the Dekker pair with the flags' setters */
-            f = atomic_load_explicit(&c->flags, CONC__RELAXED);
+            f = atomic_load_explicit(&c->flags, CONC__SEQ_CST); /* the Dekker pair with the flags' setters */
             posted = true;
             if (!(f & (CONC__CF_BLOCKED | CONC__CF_SHUT | CONC__CF_DRAIN))) goto wait;
         }
@@ -4575,7 +4575,8 @@ static void conc__core_begin_shutdown(conc__core *c) {
         conc__core_flag_locked(c, CONC__CF_IDLE, false);
         for (int i = 0; i < CONC__BOXES; i++) {
             conc__box *b = &c->box[i];
-            if (b->owner && conc__sel_claim(&b->s, 0)) {
+            if (b->owner && atomic_load_explicit(&b->s.fired, CONC__SEQ_CST) == CONC__UNFIRED && /* Dekker */
+                conc__sel_claim(&b->s, 0)) {
                 conc__box_fill(b, NULL, CONC_SHUTDOWN);
                 conc__wake_push(&wake, &b->w);
             }
@@ -5184,7 +5185,7 @@ static void conc__core_task_done(conc__core *core, conc__worker *wk, const conc_
 static int conc__group_drain(conc_group_t *g, conc_ctx_t *ctx) {
     conc__core *c = &g->core;
     conc__spin_lock(&c->mu);
-    if (conc__core_running_locked(c) != 0) /* then flag, fence, look again (Dekker with the boxes) */
+    if (conc__core_running_locked(c) != 0) /* then flag and look again (Dekker with the boxes) */
         conc__core_flag_locked(c, CONC__CF_DRAIN, true);
     if (conc__core_running_locked(c) == 0) {
         conc__spin_unlock(&c->mu);
