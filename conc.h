@@ -2654,6 +2654,12 @@ CONC_API int conc_chan_free(conc_chan_t *ch) {
 
 static inline void conc__copy(void *dst, const void *src, size_t n) {
     if (!dst) return;
+#if defined(__GNUC__) || defined(__clang__)
+    /* hides where the pointers come from: inlined into a caller that sends a long, gcc -O3
+       would check the 16-byte case against that object (-Warray-bounds), for a size that
+       is known only at run time */
+    __asm__("" : "+r"(dst), "+r"(src));
+#endif
     switch (n) { /* the common sizes inline, without a call */
     case 0: return;
     case 4: memcpy(dst, src, 4); return;
@@ -2677,7 +2683,7 @@ static conc__rslot *conc__rslot_at(const conc_chan_t *ch, size_t pos) {
 }
 static size_t conc__rslot_state(conc__rslot *s) { return atomic_load_explicit(&s->word, CONC__ACQUIRE) & ~CONC__RMARK; }
 
-enum { CONC__R_OK, CONC__R_OK_MARKED, CONC__R_NONE, CONC__R_SLOW };
+enum { CONC__R_OK, CONC__R_OK_MARKED, CONC__R_NONE, CONC__R_SLOW, CONC__R_AGAIN };
 
 /* Waiting for another thread's claimed position to be published or released: it is a
    copy away, unless that thread was preempted - then yield to it. */
@@ -2690,15 +2696,52 @@ static void conc__ring_backoff(unsigned *spins) {
 /* A send that has claimed position pos raises the high-water mark. head_seen only lags
    head, so end - head_seen bounds the count from above: head is read (a miss on the
    receivers' line) only when that bound exceeds the mark. */
-static void conc__ring_note_len(conc_chan_t *ch, size_t end) {
-    size_t hw = atomic_load_explicit(&ch->high_water, CONC__RELAXED);
-    if (hw >= ch->cap || end - atomic_load_explicit(&ch->head_seen, CONC__RELAXED) <= hw) return;
+CONC__OUT_OF_LINE void conc__ring_raise_high_water(conc_chan_t *ch, size_t end, size_t hw) {
     size_t h = atomic_load_explicit(&ch->head, CONC__RELAXED) >> 1;
     atomic_store_explicit(&ch->head_seen, h, CONC__RELAXED);
     if (h >= end) return;
     size_t n = end - h; /* <= cap: position end - 1 was free, so end - 1 - cap was taken */
     while (n > hw && !atomic_compare_exchange_weak_explicit(&ch->high_water, &hw, n, CONC__RELAXED, CONC__RELAXED)) {
     }
+}
+CONC__ALWAYS_INLINE void conc__ring_note_len(conc_chan_t *ch, size_t end) {
+    size_t hw = atomic_load_explicit(&ch->high_water, CONC__RELAXED);
+    if (hw >= ch->cap || end - atomic_load_explicit(&ch->head_seen, CONC__RELAXED) <= hw) return;
+    conc__ring_raise_high_water(ch, end, hw);
+}
+
+/* The caller has claimed position pos: fill copies *elem in and publishes the slot full,
+   take copies the value out and frees the slot for pos + cap. Return CONC__R_OK, or
+   CONC__R_OK_MARKED if the slot was marked (invariant M: the caller settles). */
+CONC__ALWAYS_INLINE int conc__ring_fill(conc_chan_t *ch, conc__rslot *s, size_t pos, const void *elem) {
+    conc__copy(s + 1, elem, ch->elem_size);
+    size_t old = atomic_exchange_explicit(&s->word, CONC__RFULL(pos), CONC__ACQ_REL);
+    conc__ring_note_len(ch, pos + 1);
+    return (old & CONC__RMARK) ? CONC__R_OK_MARKED : CONC__R_OK;
+}
+CONC__ALWAYS_INLINE int conc__ring_take(conc_chan_t *ch, conc__rslot *s, size_t pos, void *elem) {
+    conc__copy(elem, s + 1, ch->elem_size);
+    size_t old = atomic_exchange_explicit(&s->word, CONC__RFREE(pos + ch->cap), CONC__ACQ_REL);
+    return (old & CONC__RMARK) ? CONC__R_OK_MARKED : CONC__R_OK;
+}
+
+/* The common case, inlined into send and receive: the slot at tail (head) is ready and
+   the claim is not contended. Anything else returns CONC__R_AGAIN, for the full loop. */
+CONC__ALWAYS_INLINE int conc__ring_push_once(conc_chan_t *ch, const void *elem) {
+    size_t t = atomic_load_explicit(&ch->tail, CONC__RELAXED), pos = t >> 1;
+    conc__rslot *s = conc__rslot_at(ch, pos);
+    if ((t & CONC__RSLOW) || conc__rslot_state(s) != CONC__RFREE(pos) ||
+        !atomic_compare_exchange_strong_explicit(&ch->tail, &t, t + 2, CONC__RELAXED, CONC__RELAXED))
+        return CONC__R_AGAIN;
+    return conc__ring_fill(ch, s, pos, elem);
+}
+CONC__ALWAYS_INLINE int conc__ring_pop_once(conc_chan_t *ch, void *elem) {
+    size_t h = atomic_load_explicit(&ch->head, CONC__RELAXED), pos = h >> 1;
+    conc__rslot *s = conc__rslot_at(ch, pos);
+    if ((h & CONC__RSLOW) || conc__rslot_state(s) != CONC__RFULL(pos) ||
+        !atomic_compare_exchange_strong_explicit(&ch->head, &h, h + 2, CONC__RELAXED, CONC__RELAXED))
+        return CONC__R_AGAIN;
+    return conc__ring_take(ch, s, pos, elem);
 }
 
 /* Fills the next position with *elem. owner: the caller holds the lock and may ignore
@@ -2713,12 +2756,8 @@ static int conc__ring_push(conc_chan_t *ch, const void *elem, bool owner) {
         conc__rslot *s = conc__rslot_at(ch, pos);
         size_t st = conc__rslot_state(s);
         if (st == CONC__RFREE(pos)) {
-            if (atomic_compare_exchange_weak_explicit(&ch->tail, &t, t + 2, CONC__RELAXED, CONC__RELAXED)) {
-                conc__copy(s + 1, elem, ch->elem_size);
-                size_t old = atomic_exchange_explicit(&s->word, CONC__RFULL(pos), CONC__ACQ_REL);
-                conc__ring_note_len(ch, pos + 1);
-                return (old & CONC__RMARK) ? CONC__R_OK_MARKED : CONC__R_OK;
-            }
+            if (atomic_compare_exchange_weak_explicit(&ch->tail, &t, t + 2, CONC__RELAXED, CONC__RELAXED))
+                return conc__ring_fill(ch, s, pos, elem);
             continue;
         }
         if ((ptrdiff_t)(st - CONC__RFREE(pos)) < 0) {
@@ -2742,11 +2781,8 @@ static int conc__ring_pop(conc_chan_t *ch, void *elem, bool owner) {
         conc__rslot *s = conc__rslot_at(ch, pos);
         size_t st = conc__rslot_state(s);
         if (st == CONC__RFULL(pos)) {
-            if (atomic_compare_exchange_weak_explicit(&ch->head, &h, h + 2, CONC__RELAXED, CONC__RELAXED)) {
-                conc__copy(elem, s + 1, ch->elem_size);
-                size_t old = atomic_exchange_explicit(&s->word, CONC__RFREE(pos + ch->cap), CONC__ACQ_REL);
-                return (old & CONC__RMARK) ? CONC__R_OK_MARKED : CONC__R_OK;
-            }
+            if (atomic_compare_exchange_weak_explicit(&ch->head, &h, h + 2, CONC__RELAXED, CONC__RELAXED))
+                return conc__ring_take(ch, s, pos, elem);
             continue;
         }
         if ((ptrdiff_t)(st - CONC__RFULL(pos)) < 0) {
@@ -3010,10 +3046,11 @@ static int conc__chan_block(conc_chan_t *ch, bool is_send, void *elem, conc_ctx_
                               &ch->recv_wait_ns, NULL);
 }
 
-/* A send (elem is read) or a receive (elem is written; NULL: discard): the ring's fast
-   path, watching a full or empty buffer for a moment before giving up on it; else under
-   the lock; else (block) queue and park. */
-CONC__ALWAYS_INLINE int conc__chan_op(conc_chan_t *ch, bool is_send, void *elem, conc_ctx_t *ctx, bool block) {
+/* A send (elem is read) or a receive (elem is written; NULL: discard) that the first try
+   of the ring did not complete: the ring's loop, watching a full or empty buffer for a
+   moment before giving up on it; else under the lock; else (block) queue and park. Out
+   of line, so that the first try needs no stack frame. */
+CONC__OUT_OF_LINE int conc__chan_op_slow(conc_chan_t *ch, bool is_send, void *elem, conc_ctx_t *ctx, bool block) {
     conc__waiter *wake = NULL;
     int rc;
     if (conc__ring_fast(ch)) {
@@ -3034,6 +3071,18 @@ CONC__ALWAYS_INLINE int conc__chan_op(conc_chan_t *ch, bool is_send, void *elem,
     conc__spin_unlock(&ch->mu);
     conc__wake_list(wake);
     return rc;
+}
+
+CONC__ALWAYS_INLINE int conc__chan_op(conc_chan_t *ch, bool is_send, void *elem, conc_ctx_t *ctx, bool block) {
+    if (conc__ring_fast(ch)) {
+        int r = is_send ? conc__ring_push_once(ch, elem) : conc__ring_pop_once(ch, elem);
+        if (r == CONC__R_OK) return 0;
+        if (r == CONC__R_OK_MARKED) {
+            conc__ring_settle_unlocked(ch);
+            return 0;
+        }
+    }
+    return conc__chan_op_slow(ch, is_send, elem, ctx, block);
 }
 
 static int conc__chan_send(conc_chan_t *ch, const void *elem, conc_ctx_t *ctx, bool block) {
