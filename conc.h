@@ -3315,8 +3315,10 @@ static int conc__select(conc_case *cases, size_t n, conc_ctx_t *ctx, bool block)
                 continue;
             } else {
                 if (pass == 1 && conc__ring_fast(c->ch)) {
-                    int r = c->kind == CONC_CASE_SEND ? conc__ring_push(c->ch, c->elem, false)
-                                                      : conc__ring_pop(c->ch, c->elem, false);
+                    bool send = c->kind == CONC_CASE_SEND;
+                    int r = send ? conc__ring_push_once(c->ch, c->elem) : conc__ring_pop_once(c->ch, c->elem);
+                    if (r == CONC__R_AGAIN)
+                        r = send ? conc__ring_push(c->ch, c->elem, false) : conc__ring_pop(c->ch, c->elem, false);
                     if (r == CONC__R_OK_MARKED) conc__ring_settle_unlocked(c->ch);
                     if (r == CONC__R_OK || r == CONC__R_OK_MARKED) {
                         st = 0;
