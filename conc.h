@@ -2727,21 +2727,14 @@ CONC__ALWAYS_INLINE int conc__ring_take(conc_chan_t *ch, conc__rslot *s, size_t 
 
 /* The common case, inlined into send and receive: the slot at tail (head) is ready and
    the claim is not contended. Anything else returns CONC__R_AGAIN, for the full loop. */
-CONC__ALWAYS_INLINE int conc__ring_push_once(conc_chan_t *ch, const void *elem) {
-    size_t t = atomic_load_explicit(&ch->tail, CONC__RELAXED), pos = t >> 1;
+CONC__ALWAYS_INLINE int conc__ring_once(conc_chan_t *ch, bool is_send, void *elem) {
+    _Atomic size_t *end = is_send ? &ch->tail : &ch->head;
+    size_t x = atomic_load_explicit(end, CONC__RELAXED), pos = x >> 1;
     conc__rslot *s = conc__rslot_at(ch, pos);
-    if ((t & CONC__RSLOW) || conc__rslot_state(s) != CONC__RFREE(pos) ||
-        !atomic_compare_exchange_strong_explicit(&ch->tail, &t, t + 2, CONC__RELAXED, CONC__RELAXED))
+    if ((x & CONC__RSLOW) || conc__rslot_state(s) != (is_send ? CONC__RFREE(pos) : CONC__RFULL(pos)) ||
+        !atomic_compare_exchange_strong_explicit(end, &x, x + 2, CONC__RELAXED, CONC__RELAXED))
         return CONC__R_AGAIN;
-    return conc__ring_fill(ch, s, pos, elem);
-}
-CONC__ALWAYS_INLINE int conc__ring_pop_once(conc_chan_t *ch, void *elem) {
-    size_t h = atomic_load_explicit(&ch->head, CONC__RELAXED), pos = h >> 1;
-    conc__rslot *s = conc__rslot_at(ch, pos);
-    if ((h & CONC__RSLOW) || conc__rslot_state(s) != CONC__RFULL(pos) ||
-        !atomic_compare_exchange_strong_explicit(&ch->head, &h, h + 2, CONC__RELAXED, CONC__RELAXED))
-        return CONC__R_AGAIN;
-    return conc__ring_take(ch, s, pos, elem);
+    return is_send ? conc__ring_fill(ch, s, pos, elem) : conc__ring_take(ch, s, pos, elem);
 }
 
 /* Fills the next position with *elem. owner: the caller holds the lock and may ignore
@@ -3075,7 +3068,7 @@ CONC__OUT_OF_LINE int conc__chan_op_slow(conc_chan_t *ch, bool is_send, void *el
 
 CONC__ALWAYS_INLINE int conc__chan_op(conc_chan_t *ch, bool is_send, void *elem, conc_ctx_t *ctx, bool block) {
     if (conc__ring_fast(ch)) {
-        int r = is_send ? conc__ring_push_once(ch, elem) : conc__ring_pop_once(ch, elem);
+        int r = conc__ring_once(ch, is_send, elem);
         if (r == CONC__R_OK) return 0;
         if (r == CONC__R_OK_MARKED) {
             conc__ring_settle_unlocked(ch);
@@ -3316,7 +3309,7 @@ static int conc__select(conc_case *cases, size_t n, conc_ctx_t *ctx, bool block)
             } else {
                 if (pass == 1 && conc__ring_fast(c->ch)) {
                     bool send = c->kind == CONC_CASE_SEND;
-                    int r = send ? conc__ring_push_once(c->ch, c->elem) : conc__ring_pop_once(c->ch, c->elem);
+                    int r = conc__ring_once(c->ch, send, c->elem);
                     if (r == CONC__R_AGAIN)
                         r = send ? conc__ring_push(c->ch, c->elem, false) : conc__ring_pop(c->ch, c->elem, false);
                     if (r == CONC__R_OK_MARKED) conc__ring_settle_unlocked(c->ch);
