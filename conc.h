@@ -270,10 +270,10 @@ ERRGROUPS  (>>group)
      no task runs (CONC_BUSY otherwise; Go panics); a go made at the same moment as a
      set_limit, from another thread, may run under either limit. A group whose limit is
      set before its first go never starts more than n threads at once (threads started
-     earlier without a limit stay until they have been idle for CONC_GROUP_IDLE_NS). A go never runs the
-     task on the calling thread: a task may wait for something its caller does after go
-     returns. If a thread cannot be started, that go returns CONC_NOMEM or CONC_SYSTEM
-     and a go blocked on the limit tries again.
+     earlier without a limit stay until they have been idle for CONC_GROUP_IDLE_NS). A go
+     never runs the task on the calling thread: a task may wait for something its caller
+     does after go returns. If a thread cannot be started, that go returns CONC_NOMEM or
+     CONC_SYSTEM and a go blocked on the limit tries again.
    - Without a limit every task gets a thread of its own while it runs (tasks may wait for
      each other, as goroutines may), so a burst of blocking tasks starts as many threads;
      they wait for more tasks, and each ends once idle for CONC_GROUP_IDLE_NS.
