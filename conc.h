@@ -3543,7 +3543,7 @@ CONC_API int conc_wg_add(conc_wg_t *wg, int64_t delta) {
        would go below 0 must never be visible, or a legal done racing it could be refused
        and a wait could return early. Increments are a CAS too, for the same reason at
        CONC__WG_MAX: an overshoot undone later would be seen by other adds while it lasted.
-       Two threads hammering one group pay ~10% for it (a fetch_add pair: 23.5 ns). */
+       Two threads hammering one group pay ~15% for it (27 ns a pair; fetch_adds: 23.5). */
     uint64_t s = atomic_load_explicit(&wg->state, CONC__RELAXED), nc;
     for (;;) {
         int rc = conc__wg_next(s >> 1, delta, &nc);
