@@ -2737,57 +2737,44 @@ CONC__ALWAYS_INLINE int conc__ring_once(conc_chan_t *ch, bool is_send, void *ele
     return is_send ? conc__ring_fill(ch, s, pos, elem) : conc__ring_take(ch, s, pos, elem);
 }
 
-/* Fills the next position with *elem. owner: the caller holds the lock and may ignore
-   tail's RSLOW bit. Returns CONC__R_OK, CONC__R_OK_MARKED (sent, and the slot was marked:
-   the caller must settle the channel), CONC__R_NONE (no room), CONC__R_SLOW. */
-static int conc__ring_push(conc_chan_t *ch, const void *elem, bool owner) {
-    size_t t = atomic_load_explicit(&ch->tail, CONC__RELAXED);
+/* The full loop behind conc__ring_push and conc__ring_pop (is_send a constant in each):
+   claims the next position on its side and fills or empties it. owner: the caller holds
+   the lock and may ignore the side's RSLOW bit. */
+CONC__ALWAYS_INLINE int conc__ring_claim(conc_chan_t *ch, bool is_send, void *elem, bool owner) {
+    _Atomic size_t *end = is_send ? &ch->tail : &ch->head, *other = is_send ? &ch->head : &ch->tail;
+    size_t x = atomic_load_explicit(end, CONC__RELAXED);
     unsigned spins = 0;
     for (;;) {
-        if ((t & CONC__RSLOW) && !owner) return CONC__R_SLOW;
-        size_t pos = t >> 1;
+        if ((x & CONC__RSLOW) && !owner) return CONC__R_SLOW;
+        size_t pos = x >> 1, ready = is_send ? CONC__RFREE(pos) : CONC__RFULL(pos);
         conc__rslot *s = conc__rslot_at(ch, pos);
         size_t st = conc__rslot_state(s);
-        if (st == CONC__RFREE(pos)) {
-            if (atomic_compare_exchange_weak_explicit(&ch->tail, &t, t + 2, CONC__RELAXED, CONC__RELAXED))
-                return conc__ring_fill(ch, s, pos, elem);
+        if (st == ready) {
+            if (atomic_compare_exchange_weak_explicit(end, &x, x + 2, CONC__RELAXED, CONC__RELAXED))
+                return is_send ? conc__ring_fill(ch, s, pos, elem) : conc__ring_take(ch, s, pos, elem);
             continue;
         }
-        if ((ptrdiff_t)(st - CONC__RFREE(pos)) < 0) {
-            /* the slot holds position pos - cap (or a send of it is copying): full, unless
-               a receive has claimed that position and is copying it out - then wait */
-            size_t h = atomic_load_explicit(&ch->head, CONC__SEQ_CST) >> 1;
-            if (h + ch->cap <= pos) return CONC__R_NONE;
+        if ((ptrdiff_t)(st - ready) < 0) {
+            /* Behind. A send: the slot holds position pos - cap (or a send of it is copying):
+               full, unless a receive has claimed that position and is copying it out. A
+               receive: free for pos, or pos - cap still being emptied: empty, unless a send
+               has claimed pos and is copying its value in. Either way: wait for that copy. */
+            size_t o = atomic_load_explicit(other, CONC__SEQ_CST) >> 1;
+            if (o + (is_send ? ch->cap : 0) <= pos) return CONC__R_NONE;
             conc__ring_backoff(&spins);
         }
-        t = atomic_load_explicit(&ch->tail, CONC__RELAXED); /* or another sender got there first */
+        x = atomic_load_explicit(end, CONC__RELAXED); /* or another thread of this side got there first */
     }
 }
 
-/* Empties the next position into elem (NULL: discard). As conc__ring_push. */
-static int conc__ring_pop(conc_chan_t *ch, void *elem, bool owner) {
-    size_t h = atomic_load_explicit(&ch->head, CONC__RELAXED);
-    unsigned spins = 0;
-    for (;;) {
-        if ((h & CONC__RSLOW) && !owner) return CONC__R_SLOW;
-        size_t pos = h >> 1;
-        conc__rslot *s = conc__rslot_at(ch, pos);
-        size_t st = conc__rslot_state(s);
-        if (st == CONC__RFULL(pos)) {
-            if (atomic_compare_exchange_weak_explicit(&ch->head, &h, h + 2, CONC__RELAXED, CONC__RELAXED))
-                return conc__ring_take(ch, s, pos, elem);
-            continue;
-        }
-        if ((ptrdiff_t)(st - CONC__RFULL(pos)) < 0) {
-            /* free for pos, or pos - cap still being emptied: empty, unless a send has
-               claimed pos and is copying its value in - then wait */
-            size_t t = atomic_load_explicit(&ch->tail, CONC__SEQ_CST) >> 1;
-            if (t <= pos) return CONC__R_NONE;
-            conc__ring_backoff(&spins);
-        }
-        h = atomic_load_explicit(&ch->head, CONC__RELAXED);
-    }
+/* Fills the next position with *elem. Returns CONC__R_OK, CONC__R_OK_MARKED (sent, and the
+   slot was marked: the caller must settle the channel), CONC__R_NONE (no room), CONC__R_SLOW. */
+static int conc__ring_push(conc_chan_t *ch, const void *elem, bool owner) {
+    return conc__ring_claim(ch, true, (void *)elem, owner);
 }
+
+/* Empties the next position into elem (NULL: discard). As conc__ring_push. */
+static int conc__ring_pop(conc_chan_t *ch, void *elem, bool owner) { return conc__ring_claim(ch, false, elem, owner); }
 
 /* ch->mu held, the side's RSLOW bit set. Marks the slot of position pos unless it is
    already in state `ready`; returns whether it is (invariant M). */
