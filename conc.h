@@ -1280,6 +1280,15 @@ static uint32_t conc__rand(void) {
 }
 static uint32_t conc__rand_below(uint32_t n) { return (uint32_t)(((uint64_t)conc__rand() * n) >> 32); }
 
+/* A number naming the calling thread that no other thread ever gets: a pthread_t may be
+   reused by a thread created after the first one was joined. */
+static uint64_t conc__thread_serial(void) {
+    static _Atomic uint64_t next = 1;
+    static _Thread_local uint64_t me;
+    if (me == 0) me = atomic_fetch_add_explicit(&next, 1, CONC__RELAXED);
+    return me;
+}
+
 /* Channel and context mutexes are held for a few dozen instructions; glibc's adaptive
    mutex spins briefly before sleeping instead of paying a futex round trip (~13 us to
    wake a sleeper on the other vCPU) for every collision. */
@@ -5763,7 +5772,7 @@ struct conc_signal {
     conc_ctx_t *ctx;         /* immutable; the handle's reference, dropped by stop */
     sigset_t set;            /* immutable: the signals taken */
     sigset_t blocked_here;   /* immutable: those notify added to its caller's mask */
-    pthread_t caller;        /* immutable: the thread that called notify */
+    uint64_t caller;         /* immutable: conc__thread_serial() of the thread that called notify */
     conc__thread *thread;    /* immutable after notify: the signal thread */
     conc_signal_t *next;     /* (conc__signals.mu) the registry */
     size_t n;                /* immutable: slots */
@@ -5904,7 +5913,7 @@ CONC_API int conc_signal_notify_at(conc_ctx_t *parent, const int *signals, size_
     pthread_sigmask(SIG_BLOCK, &set, &prev);
     for (size_t k = 0; k < h->n; k++)
         if (sigismember(&prev, h->slots[k].signo) == 0) sigaddset(&h->blocked_here, h->slots[k].signo);
-    h->caller = pthread_self();
+    h->caller = conc__thread_serial();
     for (size_t k = 0; k < h->n; k++) {
         conc__sigslot *sl = &h->slots[k];
         if (sigaction(sl->signo, NULL, &sl->old) != 0) continue;
@@ -5946,7 +5955,7 @@ CONC_API void conc_signal_stop(conc_signal_t *s) {
     /* actions before the mask: a signal that came meanwhile and waits, blocked, meets the
        old action once unblocked */
     conc__signal_restore_actions(s);
-    if (pthread_equal(pthread_self(), s->caller)) pthread_sigmask(SIG_UNBLOCK, &s->blocked_here, NULL);
+    if (conc__thread_serial() == s->caller) pthread_sigmask(SIG_UNBLOCK, &s->blocked_here, NULL);
     conc__signal_unlink(s); /* last: only now may another handle take these signals */
     conc_ctx_release(s->ctx);
     conc__signal_free(s);

@@ -419,6 +419,45 @@ TEST(signal_notify_stop_cycles) {
     EXPECT(same_mask(&before, &after));
 }
 
+/* stop unblocks what notify blocked only on the thread that called notify: not on another
+   thread, also not on one that got the id of that thread after it ended (glibc hands a
+   joined thread's id to the next thread it creates). */
+static void *notify_and_end(void *p) {
+    const int sigs[] = {SIGUSR2};
+    if (conc_signal_notify(NULL, sigs, 1, (conc_signal_t **)p) != 0) *(conc_signal_t **)p = NULL;
+    return NULL;
+}
+
+typedef struct {
+    conc_signal_t *s;
+    bool blocked_after;
+} reuse_arg;
+
+static void *block_and_stop(void *p) {
+    reuse_arg *a = (reuse_arg *)p;
+    sigset_t u;
+    sigemptyset(&u);
+    sigaddset(&u, SIGUSR2);
+    pthread_sigmask(SIG_BLOCK, &u, NULL); /* this thread's own choice: stop leaves it */
+    conc_signal_stop(a->s);
+    a->blocked_after = blocked(SIGUSR2);
+    return NULL;
+}
+
+TEST(signal_stop_on_a_thread_with_the_callers_old_id) {
+    EXPECT(!blocked(SIGUSR2));
+    conc_signal_t *s = NULL;
+    pthread_t a = spawn(notify_and_end, &s);
+    pthread_join(a, NULL);
+    ASSERT(s != NULL);
+    reuse_arg arg = {.s = s, .blocked_after = false};
+    pthread_t b = spawn(block_and_stop, &arg);
+    pthread_join(b, NULL);
+    EXPECT(arg.blocked_after);
+    if (!pthread_equal(a, b)) printf("# the second thread did not get the first one's id\n");
+    EXPECT(!blocked(SIGUSR2));
+}
+
 /* Threads racing notify/stop for the same signal: the registry lets one own it at a time. */
 typedef struct {
     _Atomic int *owners;
@@ -481,5 +520,6 @@ int main(void) {
     RUN(signal_parent_ends_first);
     RUN(signal_notify_stop_cycles);
     RUN(signal_notify_race_one_owner);
+    RUN(signal_stop_on_a_thread_with_the_callers_old_id);
     return tap_done();
 }
