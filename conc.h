@@ -304,8 +304,11 @@ RATE LIMITERS  (>>limiter)
      the next one's time). Tokens that would go beyond burst are lost, so a bucket that
      nobody asks of for a while (or whose callers are all descheduled) loses that time's
      capacity, as x/time/rate's does. A wait never returns before its time.
-   - rate > 0 (INFINITY: no limit, any n granted); burst >= 0. The rate and burst are
-     fixed for the limiter's life.
+   - rate > 0 (INFINITY: no limit, any n granted); burst >= 0. conc_limiter_set_rate and
+     conc_limiter_set_burst change them at any time, as x/time/rate's SetLimit and
+     SetBurst: the bucket is first brought up to date at the old rate, so what accrued
+     stays; reservations already made keep their time (a sleeping wait is not woken
+     earlier or later); from an infinite rate to a finite one, the bucket starts full.
    - conc_limiter_free refuses (CONC_BUSY) while waits are sleeping on the limiter.
 
 TIMERS  (>>timer)
@@ -758,6 +761,10 @@ CONC_API int conc_limiter_reserve(conc_limiter_t *lim, int64_t n, conc_reservati
 CONC_API int64_t conc_reservation_delay(const conc_reservation_t *r);
 CONC_API void conc_reservation_cancel(conc_reservation_t *r);
 CONC_API double conc_limiter_tokens(conc_limiter_t *lim);
+CONC_API int conc_limiter_set_rate(conc_limiter_t *lim, double rate_per_s);
+CONC_API int conc_limiter_set_burst(conc_limiter_t *lim, int64_t burst);
+CONC_API double conc_limiter_rate(conc_limiter_t *lim);
+CONC_API int64_t conc_limiter_burst(conc_limiter_t *lim);
 
 /* ---- timers (>>timer) ---- */
 typedef struct conc_timer conc_timer_t;
@@ -1057,8 +1064,19 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_siz
                               a reservation that is not ok are no-ops. Thread safety: any
                               thread, but not concurrently on the same reservation.
    conc_limiter_tokens(l)     Tokens in the bucket now (negative: reserved ahead); a
-                              snapshot (0 for NULL). Thread safety (every >>limiter function
-                              but free): any thread, concurrently.
+                              snapshot (0 for NULL).
+   conc_limiter_set_rate(l, rate)  From now on tokens accrue at rate per second (> 0;
+                              INFINITY: no limit); those accrued so far at the old rate
+                              stay. Leaving INFINITY fills the bucket. Reservations already
+                              made keep their time. Never blocks. Returns: 0; CONC_INVALID
+                              (l NULL, rate <= 0 or NaN: nothing changed).
+   conc_limiter_set_burst(l, burst)  From now on the bucket holds at most burst >= 0 tokens:
+                              a smaller burst throws away what is above it, a larger one
+                              adds nothing at once. As set_rate otherwise (CONC_INVALID for
+                              burst < 0).
+   conc_limiter_rate(l), conc_limiter_burst(l)  The current rate (as given, INFINITY
+                              included) and burst; 0 for NULL. Thread safety (every
+                              >>limiter function but free): any thread, concurrently.
 
    ---- >>timer
    conc_timer_after(d)        One value after d ns. Returns NULL when out of memory.
@@ -5369,8 +5387,11 @@ CONC_API void conc_group_stats_get(conc_group_t *g, conc_group_stats *out) {
    bucket never reaches burst, exactly burst + rate * span tokens are handed out; it
    reaches burst only when nobody asks (all reservations are due), and what it cannot hold
    then is lost, as in x/time/rate. `overflow` counts that loss, so a test can check the
-   books exactly whatever the scheduler does:
-       tokens handed out + overflow + tokens == burst + rate * (last - created)
+   books exactly whatever the scheduler does (while the rate is finite):
+       tokens handed out + overflow + tokens == earned + rate * (last - rate_since)
+   where earned is what the bucket was given before rate_since: burst at creation, the
+   refill at earlier rates, and what leaving an infinite rate filled in (with a fixed
+   rate: earned == burst, rate_since == created).
 
    Invariants:
    - tokens <= burst, and last never moves backwards. The clock is read before locking
@@ -5384,14 +5405,19 @@ CONC_API void conc_group_stats_get(conc_group_t *g, conc_group_stats *out) {
      x/time/rate's rule: tokens - (last_event - its time to act) * rate.
    - sleepers counts waits sleeping on a reservation (free refuses while it is not 0).
    - inf (rate infinite): every request is granted at once; nothing is counted.
+   - A change of rate or burst first brings tokens up to its time at the old rate (and
+     folds that into earned), so the bucket's past is never re-priced at the new rate.
    Lock order: limiter.mu is a leaf; a waiter sleeps without it. */
 
 struct conc_limiter {
     pthread_mutex_t mu;
-    double per_ns;      /* immutable: tokens per nanosecond */
-    bool inf;           /* immutable: no limit */
-    int64_t burst;      /* immutable */
+    double per_ns;      /* (mu) tokens per nanosecond (0 while inf) */
+    double rate;        /* (mu) the rate as given (tokens per second) */
+    bool inf;           /* (mu) no limit */
+    int64_t burst;      /* (mu) */
     int64_t created;    /* immutable: conc_now() at new, the first last */
+    double earned;      /* (mu) tokens given before rate_since (see the books above) */
+    int64_t rate_since; /* (mu) when the rate was last set (created at first) */
     double tokens;      /* (mu) content at time last; negative = debt */
     int64_t last;       /* (mu) when tokens was last brought up to date */
     int64_t last_event; /* (mu) latest time to act handed out */
@@ -5481,9 +5507,10 @@ CONC_API conc_limiter_t *conc_limiter_new(double rate_per_s, int64_t burst) {
     conc__mutex_init(&l->mu);
     l->inf = rate_per_s - rate_per_s != 0; /* inf - inf is NaN: isinf() without <math.h> */
     l->per_ns = l->inf ? 0 : rate_per_s / 1e9;
+    l->rate = rate_per_s;
     l->burst = burst;
-    l->tokens = (double)burst; /* starts full, as x/time/rate */
-    l->created = l->last = l->last_event = conc_now();
+    l->tokens = l->earned = (double)burst; /* starts full, as x/time/rate */
+    l->created = l->last = l->last_event = l->rate_since = conc_now();
     return l;
 }
 
@@ -5542,7 +5569,12 @@ CONC_API void conc_reservation_cancel(conc_reservation_t *r) {
 CONC_API int conc_limiter_wait(conc_limiter_t *lim, int64_t n, conc_ctx_t *ctx) {
     conc_reservation_t r;
     int64_t deadline, now;
-    if (!lim || n < 0 || (n > lim->burst && !lim->inf)) return CONC_INVALID;
+    bool too_many;
+    if (!lim || n < 0) return CONC_INVALID;
+    CONC__LOCK(&lim->mu);
+    too_many = n > lim->burst && !lim->inf;
+    CONC__UNLOCK(&lim->mu);
+    if (too_many) return CONC_INVALID;
     int e = conc_ctx_err(ctx);
     if (e) return e;
     bool has_deadline = conc_ctx_deadline(ctx, &deadline);
@@ -5554,10 +5586,12 @@ CONC_API int conc_limiter_wait(conc_limiter_t *lim, int64_t n, conc_ctx_t *ctx) 
            even tokens that are there now exceed it, as in x/time/rate (n == 0 and an
            infinite rate are granted before the limit is looked at) */
         int64_t max_wait = !has_deadline ? INT64_MAX : deadline - now;
-        conc__lim_reserve_locked(lim, now, n, max_wait, &r);
-        if (r.ok && r.time_to_act > now) lim->sleepers++;
+        too_many = n > lim->burst && !lim->inf; /* the burst may have changed since */
+        if (!too_many) conc__lim_reserve_locked(lim, now, n, max_wait, &r);
+        if (!too_many && r.ok && r.time_to_act > now) lim->sleepers++;
     }
     CONC__UNLOCK(&lim->mu);
+    if (too_many) return CONC_INVALID;
     if (!r.ok) return CONC_DEADLINE_EXCEEDED; /* the deadline would pass first: no wait, nothing taken */
     if (r.time_to_act <= now) return 0;
     /* conc_sleep's timer fires at conc_now() + d >= time_to_act: never early */
@@ -5580,6 +5614,72 @@ CONC_API double conc_limiter_tokens(conc_limiter_t *lim) {
     t = lim->inf ? (double)lim->burst : conc__lim_content(lim, conc__lim_time(lim, now), &over);
     CONC__UNLOCK(&lim->mu);
     return t;
+}
+
+/* mu held. Brings the bucket up to now (>= last) at the current rate, before a change. */
+static void conc__lim_settle_locked(conc_limiter_t *l, int64_t now) {
+    if (!l->inf) {
+        double over;
+        l->tokens = conc__lim_content(l, now, &over);
+        l->overflow += over;
+    }
+    l->last = now;
+}
+
+CONC_API int conc_limiter_set_rate(conc_limiter_t *lim, double rate_per_s) {
+    if (!lim || !(rate_per_s > 0)) return CONC_INVALID; /* also NaN */
+    bool inf = rate_per_s - rate_per_s != 0;
+    int64_t now = conc_now();
+    CONC__LOCK(&lim->mu);
+    {
+        now = conc__lim_time(lim, now);
+        conc__lim_settle_locked(lim, now);
+        lim->earned += (double)(now - lim->rate_since) * lim->per_ns; /* 0 while inf */
+        if (lim->inf && !inf) { /* x/time/rate: an infinite rate has filled the bucket */
+            lim->earned += (double)lim->burst - lim->tokens;
+            lim->tokens = (double)lim->burst;
+        }
+        lim->rate_since = now;
+        lim->inf = inf;
+        lim->per_ns = inf ? 0 : rate_per_s / 1e9;
+        lim->rate = rate_per_s;
+    }
+    CONC__UNLOCK(&lim->mu);
+    return 0;
+}
+
+CONC_API int conc_limiter_set_burst(conc_limiter_t *lim, int64_t burst) {
+    if (!lim || burst < 0) return CONC_INVALID;
+    int64_t now = conc_now();
+    CONC__LOCK(&lim->mu);
+    {
+        conc__lim_settle_locked(lim, conc__lim_time(lim, now));
+        lim->burst = burst;
+        if (!lim->inf && lim->tokens > (double)burst) { /* what no longer fits is lost */
+            lim->overflow += lim->tokens - (double)burst;
+            lim->tokens = (double)burst;
+        }
+    }
+    CONC__UNLOCK(&lim->mu);
+    return 0;
+}
+
+CONC_API double conc_limiter_rate(conc_limiter_t *lim) {
+    double r;
+    if (!lim) return 0;
+    CONC__LOCK(&lim->mu);
+    r = lim->rate;
+    CONC__UNLOCK(&lim->mu);
+    return r;
+}
+
+CONC_API int64_t conc_limiter_burst(conc_limiter_t *lim) {
+    int64_t b;
+    if (!lim) return 0;
+    CONC__LOCK(&lim->mu);
+    b = lim->burst;
+    CONC__UNLOCK(&lim->mu);
+    return b;
 }
 
 /* ======================================================================== */

@@ -4,8 +4,9 @@
    k / rate after the start), waiters never early and served in the order they reserved, a
    wait whose deadline is too short returning at once and taking nothing, a waiter
    cancelled while sleeping giving its tokens back, free refusing while a wait sleeps,
-   racing allows never granting more than burst + rate * elapsed, and the accuracy test:
-   2 s at 1000 events/s.
+   racing allows never granting more than burst + rate * elapsed, rate and burst changed
+   on a live limiter (what accrued stays, a sleeping wait keeps its time, the books still
+   balance while allows race the changes), and the accuracy test: 2 s at 1000 events/s.
 
    The accuracy test cannot flake: every check in it holds whatever the scheduler does.
    It checks (1) no event early: the i-th event returns no sooner than
@@ -33,8 +34,8 @@
 /* ---- white box ---- */
 
 typedef struct books {
-    double tokens, overflow;
-    int64_t last, last_event, created, sleepers;
+    double tokens, overflow, earned, per_ns;
+    int64_t last, last_event, created, sleepers, rate_since;
 } books;
 
 static books read_books(conc_limiter_t *l) {
@@ -46,8 +47,23 @@ static books read_books(conc_limiter_t *l) {
     b.last_event = l->last_event;
     b.created = l->created;
     b.sleepers = l->sleepers;
+    b.earned = l->earned;
+    b.per_ns = l->per_ns;
+    b.rate_since = l->rate_since;
     pthread_mutex_unlock(&l->mu);
     return b;
+}
+
+/* The books (see the top): tokens handed out + overflow + tokens == what the bucket was
+   given, also across changes of rate and burst (finite rates). */
+static bool books_balance(conc_limiter_t *l, double handed_out) {
+    books b = read_books(l);
+    double given = b.earned + b.per_ns * (double)(b.last - b.rate_since);
+    double got = handed_out + b.overflow + b.tokens, tol = 1e-9 * (given > 1 ? given : 1);
+    if (got > given - tol && got < given + tol) return true;
+    printf("# books: handed out %.6f + overflow %.6f + tokens %.6f = %.6f, given %.6f\n", handed_out, b.overflow,
+           b.tokens, got, given);
+    return false;
 }
 
 /* Waits until n waits sleep on l (they have reserved). */
@@ -433,6 +449,142 @@ TEST(limiter_allow_race) {
     EXPECT_EQ(conc_limiter_free(a.l), 0);
 }
 
+/* ---- changing rate and burst (x/time/rate's SetLimit, SetBurst) ---- */
+
+TEST(limiter_set_invalid) {
+    volatile double zero = 0, one = 1;
+    EXPECT_EQ(conc_limiter_set_rate(NULL, 1), CONC_INVALID);
+    EXPECT_EQ(conc_limiter_set_burst(NULL, 1), CONC_INVALID);
+    EXPECT(conc_limiter_rate(NULL) == 0);
+    EXPECT_EQ(conc_limiter_burst(NULL), 0);
+    conc_limiter_t *l = conc_limiter_new(250, 7);
+    ASSERT(l != NULL);
+    EXPECT_EQ(conc_limiter_set_rate(l, 0), CONC_INVALID);
+    EXPECT_EQ(conc_limiter_set_rate(l, -5), CONC_INVALID);
+    EXPECT_EQ(conc_limiter_set_rate(l, zero / zero), CONC_INVALID); /* NaN */
+    EXPECT_EQ(conc_limiter_set_burst(l, -1), CONC_INVALID);
+    EXPECT(conc_limiter_rate(l) == 250); /* nothing changed */
+    EXPECT_EQ(conc_limiter_burst(l), 7);
+    EXPECT_EQ(conc_limiter_set_rate(l, one / zero), 0);
+    EXPECT(conc_limiter_rate(l) == one / zero); /* INFINITY, as given */
+    EXPECT_EQ(conc_limiter_set_burst(l, 0), 0);
+    EXPECT_EQ(conc_limiter_burst(l), 0);
+    EXPECT_EQ(conc_limiter_free(l), 0);
+}
+
+/* What accrued at the old rate stays; from then on the new rate applies. */
+TEST(limiter_set_rate_keeps_what_accrued) {
+    conc_limiter_t *l = conc_limiter_new(1000, 100); /* a token per ms */
+    ASSERT(l != NULL);
+    EXPECT(conc_limiter_allow(l, 100));
+    EXPECT_EQ(conc_sleep(20 * CONC_MILLISECOND, NULL), 0); /* >= 20 tokens (a sleep is never short) */
+    EXPECT_EQ(conc_limiter_set_rate(l, 1e-6), 0);          /* now one token in ~11 days */
+    double t = conc_limiter_tokens(l);
+    EXPECT(t >= 20 - 1e-6 && t <= 100);
+    EXPECT_EQ(conc_sleep(20 * CONC_MILLISECOND, NULL), 0);
+    EXPECT(conc_limiter_tokens(l) < t + 1e-6); /* the old rate would have added 20 more */
+    EXPECT(books_balance(l, 100));
+    EXPECT_EQ(conc_limiter_set_rate(l, 1e12), 0); /* a token per ps */
+    EXPECT_EQ(conc_sleep(CONC_MICROSECOND, NULL), 0);
+    EXPECT(conc_limiter_allow(l, 100)); /* full again */
+    EXPECT(books_balance(l, 200));
+    EXPECT_EQ(conc_limiter_free(l), 0);
+}
+
+/* INFINITY grants anything; back to a finite rate, the bucket starts full (x/time/rate). */
+TEST(limiter_set_rate_infinite_and_back) {
+    volatile double one = 1, zero = 0;
+    conc_limiter_t *l = conc_limiter_new(0.001, 5);
+    ASSERT(l != NULL);
+    EXPECT(conc_limiter_allow(l, 5));
+    EXPECT(!conc_limiter_allow(l, 1));
+    EXPECT_EQ(conc_limiter_set_rate(l, one / zero), 0);
+    EXPECT(conc_limiter_allow(l, 1000)); /* more than burst: no limit at all */
+    EXPECT_EQ(conc_limiter_wait(l, 1000, NULL), 0);
+    EXPECT_EQ(conc_limiter_set_rate(l, 0.001), 0);
+    EXPECT(conc_limiter_tokens(l) > 5 - 1e-6 && conc_limiter_tokens(l) <= 5);
+    EXPECT(!conc_limiter_allow(l, 6));
+    EXPECT(conc_limiter_allow(l, 5));
+    EXPECT(!conc_limiter_allow(l, 1));
+    EXPECT_EQ(conc_limiter_free(l), 0);
+}
+
+/* A smaller burst throws away what no longer fits (counted as overflow) and bounds n; a
+   larger one adds nothing at once. */
+TEST(limiter_set_burst) {
+    conc_limiter_t *l = conc_limiter_new(0.001, 10); /* nothing refills during the test */
+    ASSERT(l != NULL);
+    EXPECT_EQ(conc_limiter_set_burst(l, 4), 0);
+    EXPECT(conc_limiter_tokens(l) <= 4 && conc_limiter_tokens(l) > 4 - 1e-6);
+    EXPECT(read_books(l).overflow > 6 - 1e-6);
+    EXPECT(!conc_limiter_allow(l, 5));
+    EXPECT_EQ(conc_limiter_wait(l, 5, NULL), CONC_INVALID);
+    conc_reservation_t r;
+    EXPECT_EQ(conc_limiter_reserve(l, 5, &r), CONC_INVALID);
+    EXPECT(conc_limiter_allow(l, 4));
+    EXPECT_EQ(conc_limiter_set_burst(l, 20), 0);
+    EXPECT(conc_limiter_tokens(l) < 1e-6); /* nothing given */
+    EXPECT(!conc_limiter_allow(l, 1));
+    EXPECT(books_balance(l, 4));
+    EXPECT_EQ(conc_limiter_free(l), 0);
+}
+
+/* A wait sleeping on its reservation keeps its time when the rate changes: not woken
+   early by a faster rate (x/time/rate does not revisit reservations either). */
+TEST(limiter_set_rate_sleeping_wait_keeps_its_time) {
+    waiter w = {conc_limiter_new(10, 1), NULL, 1, -1, 0}; /* one token per 100 ms */
+    ASSERT(w.l != NULL);
+    EXPECT(conc_limiter_allow(w.l, 1));
+    pthread_t t = spawn_thread(waiter_main, &w);
+    until_sleepers(w.l, 1);
+    int64_t due = read_books(w.l).last_event;
+    EXPECT_EQ(conc_limiter_set_rate(w.l, 1e9), 0);
+    EXPECT(conc_limiter_allow(w.l, 1)); /* new takers see the new rate */
+    pthread_join(t, NULL);
+    EXPECT_EQ(w.rc, 0);
+    EXPECT(w.returned >= due);
+    EXPECT_EQ(conc_limiter_free(w.l), 0);
+}
+
+/* Allows racing changes of rate and burst (random yields, more threads than cores): the
+   books balance exactly at the end, and burst is never exceeded by one allow. */
+typedef struct set_race {
+    allow_race a;
+} set_race;
+
+static void *set_main(void *arg) {
+    set_race *s = (set_race *)arg;
+    uint64_t rng = 0x9e3779b97f4a7c15u;
+    const double rates[] = {1e3, 2e4, 5e4, 300};
+    while (conc_now() < s->a.until) {
+        uint64_t r = rnd(&rng);
+        if (r % 2) conc_limiter_set_rate(s->a.l, rates[(r >> 8) % 4]);
+        else conc_limiter_set_burst(s->a.l, (int64_t)((r >> 8) % 20));
+        jitter(&rng);
+    }
+    return NULL;
+}
+
+TEST(limiter_set_race) {
+    enum { T = 5 };
+    set_race s;
+    s.a.l = conc_limiter_new(10000, 10);
+    ASSERT(s.a.l != NULL);
+    s.a.until = conc_now() + 200 * CONC_MILLISECOND;
+    s.a.seed = 777;
+    atomic_init(&s.a.granted, 0);
+    pthread_t t[T], setter = spawn_thread(set_main, &s);
+    for (int i = 0; i < T; i++) t[i] = spawn_thread(allow_main, &s.a);
+    for (int i = 0; i < T; i++) pthread_join(t[i], NULL);
+    pthread_join(setter, NULL);
+    long g = atomic_load(&s.a.granted);
+    printf("# %ld allows granted while rate and burst changed\n", g);
+    EXPECT(g > 0);
+    EXPECT(books_balance(s.a.l, (double)g));
+    EXPECT(conc_limiter_tokens(s.a.l) <= (double)conc_limiter_burst(s.a.l));
+    EXPECT_EQ(conc_limiter_free(s.a.l), 0);
+}
+
 /* ---- accuracy ---- */
 
 #define ACC_MAX 8192
@@ -589,6 +741,12 @@ int main(void) {
     RUN(limiter_wait_cancel_gives_back);
     RUN(limiter_wait_cancel_second);
     RUN(limiter_allow_race);
+    RUN(limiter_set_invalid);
+    RUN(limiter_set_rate_keeps_what_accrued);
+    RUN(limiter_set_rate_infinite_and_back);
+    RUN(limiter_set_burst);
+    RUN(limiter_set_rate_sleeping_wait_keeps_its_time);
+    RUN(limiter_set_race);
     RUN(limiter_accuracy);
     RUN(limiter_wait_beyond_int64);
     RUN(limiter_wait_deadline_already_passed);
