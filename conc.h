@@ -484,8 +484,9 @@ REVISION HISTORY
    0.1.0  contexts, channels, select, timers, wait groups, weighted semaphores, signal
           contexts (graceful shutdown), conc_go, thread registry and leak checks,
           parallel map, once (Go's sync.Once/OnceValue, with a context on the wait), rate
-          limiters (x/time/rate's token bucket: allow, wait, reserve/cancel), worker pools
-          with futures, error groups (x/sync/errgroup with limits and every error).
+          limiters (x/time/rate's token bucket: allow, wait, reserve/cancel, set rate and
+          burst), worker pools with futures, error groups (x/sync/errgroup with limits and
+          every error).
 */
 #ifndef CONC_H_INCLUDED
 #define CONC_H_INCLUDED
