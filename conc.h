@@ -113,8 +113,8 @@ CHANNELS  (>>chan)
      receives had to wait, and how long they waited in total: the backpressure a channel
      exerts. The counts are free; the wait times cost two clock reads per blocked call
      (CONC_NO_WAIT_TIME leaves them out).
-   - conc_chan_free refuses (CONC_BUSY) while threads are blocked on the channel. Free a
-     channel only when no thread uses it any more.
+   - conc_chan_free refuses (CONC_BUSY) while threads are blocked on the channel (or still
+     leaving a call on it). Free a channel only when no thread uses it any more.
 
 SELECT  (>>select)
 
@@ -857,7 +857,9 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_siz
    conc_chan_new(size, cap)   Returns: a channel, or NULL when out of memory or when
                               size * cap overflows.
    conc_chan_free(ch)         Returns: 0, or CONC_BUSY (nothing freed) while threads are
-                              blocked on ch. NULL is a no-op (0).
+                              blocked on ch, or still on their way out of a call on it (one
+                              whose context just ended, a select that another case just
+                              completed). NULL is a no-op (0).
    conc_chan_send(ch, &v, ctx)   Blocks: while the buffer is full / until a receiver takes
                               v (cap 0). Returns: 0 (sent, exactly once), CONC_CLOSED, the
                               ctx's err, CONC_INVALID (ch NULL, or v NULL with elem_size >
@@ -868,16 +870,18 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_siz
    conc_chan_try_send / try_recv  Never block. Return CONC_WOULD_BLOCK where send/recv
                               would block; otherwise as send/recv.
    conc_chan_close(ch)        Wakes every blocked receiver (CONC_CLOSED once drained) and
-                              sender (CONC_CLOSED). Returns: 0, or CONC_CLOSED if already
-                              closed.
+                              sender (CONC_CLOSED). Returns: 0, CONC_CLOSED if already
+                              closed, CONC_INVALID for NULL.
    conc_chan_len / cap / elem_size  Buffered elements now / capacity / element size.
    conc_chan_stats_get(ch, &s)  A consistent snapshot of ch's statistics.
 
    ---- >>select
    conc_select(cases, n, ctx) Blocks: until a case is ready or ctx ends. Returns: the index
                               of the case performed (cases[i].status says how), the ctx's
-                              err, or CONC_INVALID (n == 0 with no ctx that can end, bad
-                              kind), CONC_NOMEM (n > 16 and no memory for the waiters).
+                              err, or CONC_INVALID (cases NULL with n > 0, n == 0 with no
+                              ctx that can end, n > 65535, a bad kind, a send case with a
+                              NULL elem on a channel of non-zero element size), CONC_NOMEM
+                              (n > 16 and no memory for the waiters).
    conc_try_select(cases, n)  Never blocks. Returns an index, CONC_WOULD_BLOCK, or as
                               conc_select CONC_INVALID / CONC_NOMEM.
 
@@ -2601,6 +2605,13 @@ CONC_API bool conc_after_func_stop(conc_after_func_t *af) {
    - A value moves once: from the sender's memory straight into a waiting receiver's
      memory, under the lock, by whoever claimed the waiter.
    - Once closed, nothing queues; close completed every waiter with CONC_CLOSED.
+
+   Both kinds: `inside` counts the queued waiters whose owner will still lock mu. A waiter
+   joins it when queued (a blocked send or receive, or a select's case); it leaves when a
+   peer or close claims it through this channel (its owner then never comes back here),
+   or when its owner, claimed elsewhere (its context, another case of its select), locks
+   mu to unlink itself. A stale waiter popped off a queue stays counted: its owner is on
+   its way. So free refuses while inside is not 0; empty queues are not enough.
    Lock order: timers.mu -> channels (by address, when a select holds several) -> ctx.mu. */
 
 #define CONC__RSLOW ((size_t)1)
@@ -2619,6 +2630,7 @@ struct conc_chan {
     uint64_t sends, recvs;                  /* (mu) unbuffered only; the ring counts itself */
     uint64_t blocked_sends, blocked_recvs;  /* (mu) */
     int64_t send_wait_ns, recv_wait_ns;     /* (mu) added by whoever completes or unlinks a waiter */
+    size_t inside;                          /* (mu) queued waiters whose owner will still lock mu */
     _Alignas(64) _Atomic size_t tail;       /* the senders' line: next position to fill << 1 | RSLOW */
     _Atomic size_t high_water;              /* raised by senders (CAS) */
     _Atomic size_t head_seen;               /* a past value of head's position (high_water) */
@@ -2665,7 +2677,7 @@ CONC_API int conc_chan_free(conc_chan_t *ch) {
     if (!ch) return 0;
     int busy;
     conc__spin_lock(&ch->mu);
-    busy = ch->sendq.head != NULL || ch->recvq.head != NULL;
+    busy = ch->inside != 0; /* a waiter claimed elsewhere may be off the queues, still to come back */
     conc__spin_unlock(&ch->mu);
     if (busy) return CONC_BUSY;
     conc__spin_destroy(&ch->mu);
@@ -2701,6 +2713,14 @@ static inline void conc__copy(void *dst, const void *src, size_t n) {
 static void conc__wake_push(conc__waiter **wake, conc__waiter *w) {
     w->next = *wake;
     *wake = w;
+}
+
+/* ch->mu held. Claims the first live waiter of q, one of ch's queues: its owner will not
+   come back to ch (see `inside`). */
+static conc__waiter *conc__chan_claim(conc_chan_t *ch, conc__wq *q) {
+    conc__waiter *w = conc__wq_claim(q);
+    if (w) ch->inside--;
+    return w;
 }
 
 /* ---- the ring ---- */
@@ -2833,7 +2853,7 @@ static void conc__ring_settle(conc_chan_t *ch, conc__waiter **wake) {
             CONC_ASSERT(atomic_load_explicit(&ch->head, CONC__RELAXED) & CONC__RSLOW);
             pos = atomic_load_explicit(&ch->head, CONC__RELAXED) >> 1;
             if (conc__rslot_state(conc__rslot_at(ch, pos)) != CONC__RFULL(pos)) break;
-            if ((w = conc__wq_claim(&ch->recvq)) == NULL) break;
+            if ((w = conc__chan_claim(ch, &ch->recvq)) == NULL) break;
             int r = conc__ring_pop(ch, w->elem, true);
             CONC_ASSERT(r == CONC__R_OK || r == CONC__R_OK_MARKED);
             (void)r; /* a mark taken here is ours: the senders' loop below runs anyway */
@@ -2845,7 +2865,7 @@ static void conc__ring_settle(conc_chan_t *ch, conc__waiter **wake) {
             CONC_ASSERT(atomic_load_explicit(&ch->tail, CONC__RELAXED) & CONC__RSLOW);
             pos = atomic_load_explicit(&ch->tail, CONC__RELAXED) >> 1;
             if (conc__rslot_state(conc__rslot_at(ch, pos)) != CONC__RFREE(pos)) break;
-            if ((w = conc__wq_claim(&ch->sendq)) == NULL) break;
+            if ((w = conc__chan_claim(ch, &ch->sendq)) == NULL) break;
             int r = conc__ring_push(ch, w->elem, true);
             CONC_ASSERT(r == CONC__R_OK || r == CONC__R_OK_MARKED);
             (void)r;
@@ -2929,7 +2949,7 @@ static int conc__send_locked(conc_chan_t *ch, const void *elem, conc__waiter **w
         if (r == CONC__R_OK_MARKED || ch->recvq.head) conc__ring_settle(ch, wake);
         return 0;
     }
-    conc__waiter *r = conc__wq_claim(&ch->recvq);
+    conc__waiter *r = conc__chan_claim(ch, &ch->recvq);
     if (r) {
         conc__copy(r->elem, elem, ch->elem_size);
         r->sel->status = 0;
@@ -2954,7 +2974,7 @@ static int conc__recv_locked(conc_chan_t *ch, void *elem, conc__waiter **wake) {
             }
         }
     } else {
-        conc__waiter *s = conc__wq_claim(&ch->sendq);
+        conc__waiter *s = conc__chan_claim(ch, &ch->sendq);
         if (s) {
             conc__copy(elem, s->elem, ch->elem_size);
             s->sel->status = 0;
@@ -2983,11 +3003,13 @@ static int conc__recv_locked(conc_chan_t *ch, void *elem, conc__waiter **wake) {
    the claimer set, or the ctx's err.
    ring: the buffered channel whose queue q is (NULL for the engine and unbuffered channels):
    joining or leaving its queue changes the ring's RSLOW bits and marks, so it settles
-   (invariants Q, M, S). wake: waiters the caller's own attempt claimed under mu, woken
+   (invariants Q, M, S). inside: the channel's count of waiters that will still lock mu
+   (NULL for the engine): one more while queued, one less when the caller unlinks itself
+   (a peer that claims the waiter counts it out). wake: waiters the caller's own attempt claimed under mu, woken
    once mu is released (with whatever the settles claim). */
 static int conc__block_queued(conc__spinlock *mu, conc__wq *q, void *elem, conc_ctx_t *ctx, conc_chan_t *ring,
-                              conc__waiter *wake, uint64_t *blocked, uint64_t *canceled, int64_t *cancel_wait_ns,
-                              int64_t *waited) {
+                              size_t *inside, conc__waiter *wake, uint64_t *blocked, uint64_t *canceled,
+                              int64_t *cancel_wait_ns, int64_t *waited) {
     /* the waiter and the hot words of its sel share one cache line: the peer that
        completes this call touches just that line (and the element) */
     struct {
@@ -3013,6 +3035,7 @@ static int conc__block_queued(conc__spinlock *mu, conc__wq *q, void *elem, conc_
     op.w.case_index = 0;
     op.w.since = CONC__STAMP();
     if (blocked) ++*blocked;
+    if (inside) ++*inside;
     if (ring) {
         conc__ring_enqueue(ring, q == &ring->sendq, &op.w);
         conc__ring_settle(ring, &wake); /* may complete us at once: then the park returns */
@@ -3029,6 +3052,7 @@ static int conc__block_queued(conc__spinlock *mu, conc__wq *q, void *elem, conc_
         conc__spin_lock(mu);
         {
             if (op.w.queued) conc__wq_remove(q, &op.w);
+            if (inside) --*inside; /* the last count of this call: free may go once mu is dropped */
             if (canceled) ++*canceled;
             if (cancel_wait_ns) *cancel_wait_ns += CONC__STAMP() - op.w.since;
             if (ring) conc__ring_settle(ring, &wake); /* our leaving may reopen the fast path */
@@ -3048,9 +3072,9 @@ static int conc__block_queued(conc__spinlock *mu, conc__wq *q, void *elem, conc_
 static int conc__chan_block(conc_chan_t *ch, bool is_send, void *elem, conc_ctx_t *ctx, conc__waiter *wake) {
     conc_chan_t *ring = ch->cap > 0 ? ch : NULL;
     if (is_send)
-        return conc__block_queued(&ch->mu, &ch->sendq, elem, ctx, ring, wake, &ch->blocked_sends, NULL,
+        return conc__block_queued(&ch->mu, &ch->sendq, elem, ctx, ring, &ch->inside, wake, &ch->blocked_sends, NULL,
                                   &ch->send_wait_ns, NULL);
-    return conc__block_queued(&ch->mu, &ch->recvq, elem, ctx, ring, wake, &ch->blocked_recvs, NULL,
+    return conc__block_queued(&ch->mu, &ch->recvq, elem, ctx, ring, &ch->inside, wake, &ch->blocked_recvs, NULL,
                               &ch->recv_wait_ns, NULL);
 }
 
@@ -3126,7 +3150,7 @@ CONC_API int conc_chan_close(conc_chan_t *ch) {
     }
     ch->closed = true;
     int64_t now = CONC__STAMP();
-    while ((w = conc__wq_claim(&ch->sendq)) != NULL) {
+    while ((w = conc__chan_claim(ch, &ch->sendq)) != NULL) {
         w->sel->status = CONC_CLOSED;
         ch->send_wait_ns += now - w->since;
         conc__wake_push(&wake, w);
@@ -3141,7 +3165,7 @@ CONC_API int conc_chan_close(conc_chan_t *ch) {
         }
         conc__ring_settle(ch, &wake); /* queued receivers take what is buffered */
     }
-    while ((w = conc__wq_claim(&ch->recvq)) != NULL) {
+    while ((w = conc__chan_claim(ch, &ch->recvq)) != NULL) {
         if (w->elem && ch->elem_size) memset(w->elem, 0, ch->elem_size);
         w->sel->status = CONC_CLOSED;
         ch->recv_wait_ns += now - w->since;
@@ -3392,6 +3416,7 @@ static int conc__select(conc_case *cases, size_t n, conc_ctx_t *ctx, bool block)
                 else conc__wq_push(is_send ? &c->ch->sendq : &c->ch->recvq, &w[i]);
                 if (is_send) c->ch->blocked_sends++;
                 else c->ch->blocked_recvs++;
+                c->ch->inside++;
             }
         }
         if (conc__ctx_can_end(ctx) && atomic_load_explicit(&s.fired, CONC__RELAXED) == CONC__UNFIRED) {
@@ -3416,6 +3441,7 @@ static int conc__select(conc_case *cases, size_t n, conc_ctx_t *ctx, bool block)
             conc__spin_lock(&c->ch->mu);
             {
                 if (w[i].queued) conc__wq_remove(c->kind == CONC_CASE_SEND ? &c->ch->sendq : &c->ch->recvq, &w[i]);
+                c->ch->inside--; /* this case's last touch of the channel but the unlock */
                 *(c->kind == CONC_CASE_SEND ? &c->ch->send_wait_ns : &c->ch->recv_wait_ns) += CONC__STAMP() - now;
                 if (c->ch->cap > 0) conc__ring_settle(c->ch, &wake); /* clears a bit, or re-marks */
             }
@@ -4692,7 +4718,7 @@ static int conc__core_submit(conc__core *c, const conc__job *job, conc_ctx_t *ct
             if (rc == CONC_WOULD_BLOCK) {
                 conc__job mine = *job; /* the waiter's elem: the granting worker copies it under mu */
                 int64_t waited;
-                rc = conc__block_queued(&c->mu, &c->blocked, &mine, ctx, NULL, wake, &c->blocked_n, NULL, NULL,
+                rc = conc__block_queued(&c->mu, &c->blocked, &mine, ctx, NULL, NULL, wake, &c->blocked_n, NULL, NULL,
                                         &waited);
                 atomic_fetch_add_explicit(&c->blocked_ns, waited, CONC__RELAXED);
                 if (rc == CONC__CORE_RETRY) continue; /* a failed start gave back the slot we waited for */
@@ -5254,7 +5280,7 @@ static int conc__group_drain(conc_group_t *g, conc_ctx_t *ctx) {
         conc__spin_unlock(&c->mu);
         return 0;
     }
-    return conc__block_queued(&c->mu, &c->drained, NULL, ctx, NULL, NULL, NULL, NULL, NULL, NULL);
+    return conc__block_queued(&c->mu, &c->drained, NULL, ctx, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
 }
 
 CONC_API conc_group_t *conc_group_new_at(conc_ctx_t *parent, const char *file, int line) {
