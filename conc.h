@@ -1238,6 +1238,14 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_siz
 
 /* for the few helpers shared by two hot paths that differ by a constant (send / receive);
    and for slow paths kept out of line, so that the fast path around them needs no frame */
+/* A point inside a narrow race window (between the two halves of a Dekker pair, say):
+   nothing in a build for use. The race tests define it, before including conc.h, to a
+   random yield, so that the other side of the race runs there often instead of once in
+   millions of tries (tests/race_point.h). */
+#ifndef CONC__RACE_POINT
+#define CONC__RACE_POINT() ((void)0)
+#endif
+
 #if defined(__GNUC__) || defined(__clang__)
 #define CONC__ALWAYS_INLINE static inline __attribute__((always_inline))
 #define CONC__OUT_OF_LINE static __attribute__((noinline, cold))
@@ -4205,6 +4213,7 @@ static int64_t conc__core_running_locked(conc__core *c) {
     for (int i = 0; i < nb; i++) {
         n -= (int64_t)atomic_load_explicit(&c->box[i].done, CONC__SEQ_CST); /* Dekker with DRAIN */
         CONC__HB_AFTER(&c->box[i].done); /* the finished tasks happen before whoever counts them */
+        CONC__RACE_POINT(); /* a task may hand a child to another box and end now */
     }
     for (int i = 0; i < nb; i++) n += (int64_t)atomic_load_explicit(&c->box[i].given, CONC__RELAXED);
     return n;
@@ -4283,6 +4292,7 @@ static bool conc__box_watch_ready(void *arg) {
 static bool conc__core_submit_box(conc__core *c, const conc__job *job, bool block) {
     unsigned f = atomic_load_explicit(&c->flags, CONC__RELAXED);
     if (f & (CONC__CF_BLOCKED | CONC__CF_SHUT | CONC__CF_OVER)) return false;
+    CONC__RACE_POINT(); /* a submitter blocking, a shutdown or a lower limit may come now */
     conc__box_watch bw = {c, conc__core_claim_box(c)};
     if (!bw.got && block && f == CONC__CF_CAPPED) conc__spin(conc__box_watch_ready, &bw);
     if (!bw.got) return false;
@@ -4487,8 +4497,10 @@ static void conc__worker_main(void *arg) {
                 atomic_store_explicit(&b->done, atomic_load_explicit(&b->done, CONC__RELAXED) + 1, CONC__SEQ_CST);
             }
         }
+        CONC__RACE_POINT(); /* a wait for no job running may look at the boxes now */
         if (b && (!have || boxed) && !(atomic_load_explicit(&c->flags, CONC__RELAXED) & (CONC__CF_BLOCKED | CONC__CF_SHUT))) {
             conc__box_post(b);
+            CONC__RACE_POINT(); /* a flag may be set, and the boxes looked at, now */
             f = atomic_load_explicit(&c->flags, CONC__SEQ_CST); /* the Dekker pair with the flags' setters */
             posted = true;
             if (!(f & (CONC__CF_BLOCKED | CONC__CF_SHUT | CONC__CF_DRAIN))) goto wait;
@@ -4649,6 +4661,7 @@ static void conc__core_begin_shutdown(conc__core *c) {
     if (!c->shutting) {
         c->shutting = true;
         conc__core_flag_locked(c, CONC__CF_SHUT, true); /* then the boxes (Dekker) */
+        CONC__RACE_POINT();
         while ((w = conc__wq_claim(&c->blocked)) != NULL) {
             w->sel->status = CONC_SHUTDOWN;
             conc__wake_push(&wake, w);
@@ -4714,6 +4727,7 @@ static int conc__core_submit(conc__core *c, const conc__job *job, conc_ctx_t *ct
             /* flag first, then look at the boxes again: a box posted after this look
                has its owner see the flag (Dekker), and it takes the queue's head */
             conc__core_flag_locked(c, CONC__CF_BLOCKED, true);
+            CONC__RACE_POINT(); /* a worker may post its box now */
             rc = conc__core_accept_locked(c, job, &wake, &spawn);
             if (rc == CONC_WOULD_BLOCK) {
                 conc__job mine = *job; /* the waiter's elem: the granting worker copies it under mu */
@@ -5276,6 +5290,7 @@ static int conc__group_drain(conc_group_t *g, conc_ctx_t *ctx) {
     conc__spin_lock(&c->mu);
     if (conc__core_running_locked(c) != 0) /* then flag and look again (Dekker with the boxes) */
         conc__core_flag_locked(c, CONC__CF_DRAIN, true);
+    CONC__RACE_POINT(); /* a worker may finish a job and post its box now */
     if (conc__core_running_locked(c) == 0) {
         conc__spin_unlock(&c->mu);
         return 0;
