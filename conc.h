@@ -73,6 +73,11 @@ CONTEXTS  (>>ctx)
      ending) ends it and every descendant at once, wakes every call blocked on any of them,
      and runs their after-funcs. A child never touches its parent. A child's deadline is the
      earlier of its own and its parent's.
+   - A cancel or release returns only once every descendant has ended, also when another
+     thread (or the deadline) is ending the same context at that moment: as in Go, a
+     second cancel waits for the first one's propagation. Only conc_ctx_err read on another
+     thread may show a context ended a few microseconds before its descendants (Go's Err
+     would wait for the lock there).
    - conc_ctx_err() is 0 while the context lives, then CONC_CANCELED or
      CONC_DEADLINE_EXCEEDED for ever. conc_ctx_cause() is the cause given to
      conc_ctx_cancel_cause() (a positive user code, say), else the same as err. A child
@@ -833,8 +838,10 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_siz
                               address); it ends only when p does. Returns NULL when out of
                               memory.
    conc_ctx_cancel(c)         Ends c and its descendants with CONC_CANCELED. Idempotent; a
-                              no-op on background and value contexts. Thread safety: any
-                              thread, any time before release.
+                              no-op on background and value contexts. Blocks: only while
+                              another thread's cancel of c (or of an ancestor, or its
+                              deadline) is still ending c's descendants; returns once all
+                              have ended. Thread safety: any thread, any time before release.
    conc_ctx_cancel_cause(c, cause)  As cancel, recording cause (conc_ctx_cause); cause 0
                               means CONC_CANCELED.
    conc_ctx_release(c)        Cancels c (if cancellable), detaches it from its parent and
@@ -2132,6 +2139,17 @@ static bool conc__timer_remove(conc__tentry *e) {
      (a node at 0 is being freed and is just unlinked).
    - Once err is set no kid is linked any more; the kids linked before are ended and
      detached by the walk that set it.
+   - walking is set, under mu and before err, on the root of a cancellation walk and on
+     every node the walk will end the kids of, and cleared (release) when the whole walk is
+     done, after every descendant's err: so a cancel that reads err set and walking clear
+     may return without the lock, and a second call
+     that ends a node (a racing cancel, release or deadline), finding err set, waits while
+     walking is set, and returns, as the first does, only once every descendant has ended
+     (Go holds the node's lock for the whole propagation; this walk holds one at a time).
+     A walk meets nodes ended by another walk only as that walk's root (a node ended as a
+     kid is detached from its parent at once, so no other walk reaches it): it waits for
+     such a root's walk before its own ends. Those roots lie strictly below its own, so
+     walks wait for walks further down the tree only: no cycle.
    Lock order: parent.mu -> child.mu (the cancel walk ends each kid under its parent's lock;
    nothing takes a parent's lock while holding a child's). Channel locks -> ctx.mu (a
    blocked call registers while holding its channels). */
@@ -2160,6 +2178,8 @@ struct conc_ctx {
     bool linked;                      /* (parent->mu) in parent->kids */
     conc_ctx_t *kids;                 /* (mu) */
     conc_ctx_t *work_next;            /* owned by the walk that unlinked this node */
+    _Atomic bool walking;             /* a walk is ending its descendants (invariants): written
+                                         under mu, set before err, cleared (release) at the end */
     conc__wq waiters;                 /* (mu) blocked calls */
     conc_after_func_t *afs;           /* (mu) pending after-funcs */
     int64_t deadline;                 /* immutable: effective deadline or INT64_MAX */
@@ -2172,7 +2192,7 @@ struct conc_ctx {
 };
 
 static conc_ctx_t conc__background = {PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, NULL, NULL, NULL, false, NULL, NULL,
-                                      {NULL, NULL}, NULL, INT64_MAX, {0, CONC__NOT_IN_HEAP, NULL, false},
+                                      false, {NULL, NULL}, NULL, INT64_MAX, {0, CONC__NOT_IN_HEAP, NULL, false},
                                       NULL, NULL, CONC__CTX_BACKGROUND, false, false};
 
 static void conc__ctx_ref(conc_ctx_t *c) {
@@ -2211,8 +2231,10 @@ static void conc__ctx_unref(conc_ctx_t *c) {
         pthread_mutex_destroy(&c->mu);
         CONC__HB_FORGET(&c->err);
         CONC__HB_FORGET(&c->refs);
+        CONC__HB_FORGET(&c->walking);
         CONC__CHECKED(&c->err);
         CONC__CHECKED(&c->refs);
+        CONC__CHECKED(&c->walking);
         CONC_FREE(c);
         c = p;
     }
@@ -2255,25 +2277,54 @@ static void conc__ctx_end_node(conc_ctx_t *x, int err, int cause, conc__waiter *
 
 /* x->mu held, x ended. Ends each kid under its own lock (parent before child is the one
    nesting the tree allows); kids that have kids or a timer go on the work list with a
-   reference, the rest (the leaves) cost no atomic operation. */
+   reference (and walking set), the rest (the leaves) cost no atomic operation. A kid
+   already ended is another walk's root: if that walk is not done, it goes on `others`
+   with a reference, to be waited for. */
 static void conc__ctx_end_kids(conc_ctx_t *x, int err, int cause, conc__waiter **wake, conc_after_func_t **run,
-                               conc_ctx_t **work) {
+                               conc_ctx_t **work, conc_ctx_t **others) {
     for (conc_ctx_t *k = x->kids, *next; k; k = next) {
         next = k->sib_next;
         k->linked = false;
         k->sib_prev = k->sib_next = NULL;
         CONC__LOCK(&k->mu);
         {
-            conc__ctx_end_node(k, err, cause, wake, run);
-            /* refs == 0: k is being freed (its freer waits for x->mu); it has no kids */
-            if ((k->kids || k->has_timer) && conc__ctx_ref_unless_zero(k)) {
-                k->work_next = *work;
-                *work = k;
+            if (atomic_load_explicit(&k->err, CONC__RELAXED) != 0) {
+                if (atomic_load_explicit(&k->walking, CONC__RELAXED) && conc__ctx_ref_unless_zero(k)) {
+                    k->work_next = *others;
+                    *others = k;
+                }
+            } else {
+                /* refs == 0: k is being freed (its freer waits for x->mu); it has no kids */
+                if ((k->kids || k->has_timer) && conc__ctx_ref_unless_zero(k)) {
+                    atomic_store_explicit(&k->walking, true, CONC__RELAXED); /* before err */
+                    k->work_next = *work;
+                    *work = k;
+                }
+                conc__ctx_end_node(k, err, cause, wake, run);
             }
         }
         CONC__UNLOCK(&k->mu);
     }
     x->kids = NULL;
+}
+
+/* The walk over x's descendants is done: every err it stored happens before a load that
+   reads walking clear. */
+static void conc__ctx_walk_done(conc_ctx_t *x) {
+    CONC__LOCK(&x->mu);
+    CONC__HB_BEFORE(&x->walking);
+    atomic_store_explicit(&x->walking, false, CONC__RELEASE);
+    CONC__UNLOCK(&x->mu);
+}
+
+/* Waits until the walk ending x is done (x->walking clear); x->mu held on entry and on
+   return. The walk holds no lock a waiter holds and takes microseconds: yield meanwhile. */
+static void conc__ctx_wait_walk_locked(conc_ctx_t *x) {
+    while (atomic_load_explicit(&x->walking, CONC__RELAXED)) {
+        CONC__UNLOCK(&x->mu);
+        sched_yield();
+        CONC__LOCK(&x->mu);
+    }
 }
 
 static void conc__af_run_deferred(conc__deferred *d, bool really) {
@@ -2289,24 +2340,43 @@ static void conc__ctx_end(conc_ctx_t *c, int err, int cause, bool defer_funcs) {
     conc__waiter *wake = NULL;
     conc_after_func_t *run = NULL;
     conc_ctx_t *work = NULL;
+    conc_ctx_t *others = NULL, *done = NULL;
     CONC__LOCK(&c->mu);
-    if (atomic_load_explicit(&c->err, CONC__RELAXED) != 0) { /* its ender has done the rest */
+    if (atomic_load_explicit(&c->err, CONC__RELAXED) != 0) { /* its ender does the rest: wait for it */
+        conc__ctx_wait_walk_locked(c);
         CONC__UNLOCK(&c->mu);
         return;
     }
+    atomic_store_explicit(&c->walking, true, CONC__RELAXED); /* before err (see cancel) */
     conc__ctx_end_node(c, err, cause, &wake, &run);
-    conc__ctx_end_kids(c, err, cause, &wake, &run, &work);
+    conc__ctx_end_kids(c, err, cause, &wake, &run, &work, &others);
     CONC__UNLOCK(&c->mu);
     if (c->has_timer && conc__timer_remove(&c->timer)) conc__ctx_unref(c); /* the entry's ref */
     while (work) {
         conc_ctx_t *x = work;
         work = x->work_next;
         CONC__LOCK(&x->mu);
-        conc__ctx_end_kids(x, err, cause, &wake, &run, &work);
+        conc__ctx_end_kids(x, err, cause, &wake, &run, &work, &others);
         CONC__UNLOCK(&x->mu);
         if (x->has_timer && conc__timer_remove(&x->timer)) conc__ctx_unref(x);
+        x->work_next = done; /* walking stays set, and the walk's ref held, until the end */
+        done = x;
+    }
+    while (others) { /* other walks' roots below ours: their subtrees are part of ours */
+        conc_ctx_t *x = others;
+        others = x->work_next;
+        CONC__LOCK(&x->mu);
+        conc__ctx_wait_walk_locked(x);
+        CONC__UNLOCK(&x->mu);
+        conc__ctx_unref(x);
+    }
+    while (done) {
+        conc_ctx_t *x = done;
+        done = x->work_next;
+        conc__ctx_walk_done(x);
         conc__ctx_unref(x); /* the walk's ref */
     }
+    conc__ctx_walk_done(c);
     conc__wake_list(wake);
     if (defer_funcs) {
         conc__deferred *list = NULL;
@@ -2341,8 +2411,10 @@ static conc_ctx_t *conc__ctx_new(conc_ctx_t *parent, int kind, int64_t deadline,
     conc__mutex_init(&c->mu);
     CONC__UNCHECKED(&c->err);
     CONC__UNCHECKED(&c->refs);
+    CONC__UNCHECKED(&c->walking);
     atomic_init(&c->err, 0);
     atomic_init(&c->refs, 1);
+    atomic_init(&c->walking, false);
     c->parent = parent;
     conc__ctx_ref(parent);
     c->kind = (unsigned char)kind;
@@ -2413,7 +2485,11 @@ CONC_API conc_ctx_t *conc_ctx_with_value(conc_ctx_t *parent, const void *key, vo
 
 CONC_API void conc_ctx_cancel_cause(conc_ctx_t *ctx, int cause) {
     if (!ctx || ctx->kind != CONC__CTX_CANCEL) return;
-    if (atomic_load_explicit(&ctx->err, CONC__ACQUIRE) != 0) return;
+    /* ended, and the walk that ended it done (walking is set before err): nothing to wait for */
+    if (atomic_load_explicit(&ctx->err, CONC__ACQUIRE) != 0 && !atomic_load_explicit(&ctx->walking, CONC__ACQUIRE)) {
+        CONC__HB_AFTER(&ctx->walking);
+        return;
+    }
     conc__ctx_end(ctx, CONC_CANCELED, cause ? cause : CONC_CANCELED, false);
 }
 

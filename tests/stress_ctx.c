@@ -1,6 +1,9 @@
 /* stress_ctx.c - contexts under contention: children created and released while their
    parent is cancelled, cancel racing release (and after-func stop), many waiters on one
-   tree woken by one cancel, and a storm of short timeouts on the single timer thread.
+   tree woken by one cancel, a storm of short timeouts on the single timer thread, and
+   racing ends of one tree: whichever call returns (the walk's own, a second cancel or
+   release racing it, a deadline on the timer thread, a walk from further down), every
+   descendant has ended by then, as in Go.
 
    Loop sizes scale with CONC_TEST_SCALE / tap_iters(). A lost wake-up shows as a failed
    check after a 10 s guard rather than a hang. */
@@ -373,10 +376,89 @@ TEST(timeout_storm) {
     conc_chan_free(fired);
 }
 
+/* ---- a call that ends a context returns once every descendant has ended ---- */
+
+enum { TREE_KIDS = 32, TREE_DEPTH = 4 };
+
+/* root -> mid -> TREE_KIDS chains of TREE_DEPTH */
+typedef struct tree {
+    conc_ctx_t *root, *mid, *node[TREE_KIDS][TREE_DEPTH];
+    conc_ctx_t *end_first; /* the other thread cancels this one */
+    _Atomic int go;
+} tree;
+
+static void tree_build(tree *t, int64_t root_timeout) {
+    t->root = root_timeout > 0 ? conc_ctx_with_timeout(NULL, root_timeout) : conc_ctx_with_cancel(NULL);
+    t->mid = conc_ctx_with_cancel(t->root);
+    for (int k = 0; k < TREE_KIDS; k++) {
+        conc_ctx_t *p = t->mid;
+        for (int d = 0; d < TREE_DEPTH; d++) p = t->node[k][d] = conc_ctx_with_cancel(p);
+    }
+    atomic_store(&t->go, 0);
+}
+
+static int tree_live(tree *t) {
+    int live = conc_ctx_err(t->mid) == 0;
+    for (int k = 0; k < TREE_KIDS; k++)
+        for (int d = 0; d < TREE_DEPTH; d++) live += conc_ctx_err(t->node[k][d]) == 0;
+    return live;
+}
+
+static void tree_release(tree *t) {
+    for (int k = 0; k < TREE_KIDS; k++)
+        for (int d = TREE_DEPTH - 1; d >= 0; d--) conc_ctx_release(t->node[k][d]);
+    conc_ctx_release(t->mid);
+    conc_ctx_release(t->root);
+}
+
+static void *tree_cancel_main(void *arg) {
+    tree *t = (tree *)arg;
+    while (!atomic_load(&t->go)) {
+    }
+    conc_ctx_cancel(t->end_first);
+    return NULL;
+}
+
+/* mode 0: another thread cancels the root, this one cancels it again once it reads it
+   ended; mode 1: the root's deadline ends it (on the timer thread), this one cancels it
+   once it reads it ended; mode 2: another thread cancels mid, the root's only kid, and
+   this one cancels the root once it reads mid ended (its walk meets the other walk's
+   root, and must wait for that walk). */
+static long tree_round(int mode, uint64_t *rng) {
+    tree t;
+    tree_build(&t, mode == 1 ? (int64_t)(rnd(rng) % 200) * CONC_MICROSECOND + 1 : 0);
+    pthread_t th = pthread_self(); /* set below when another thread takes part */
+    bool other = mode != 1;
+    if (other) {
+        t.end_first = mode == 0 ? t.root : t.mid;
+        th = spawn_thread(tree_cancel_main, &t);
+        atomic_store(&t.go, 1);
+    }
+    while (conc_ctx_err(mode == 2 ? t.mid : t.root) == 0) jitter(rng);
+    conc_ctx_cancel(t.root);
+    long bad = tree_live(&t) != 0;
+    if (other) pthread_join(th, NULL);
+    tree_release(&t);
+    return bad;
+}
+
+TEST(ending_calls_return_after_every_descendant) {
+    uint64_t rng = 0x2545f4914f6cdd1du;
+    long rounds = tap_iters(600), bad[3] = {0, 0, 0};
+    for (long r = 0; r < rounds; r++) bad[r % 3] += tree_round((int)(r % 3), &rng);
+    printf("# %ld rounds each: a descendant still live after the call returned: second cancel %ld, "
+           "after a deadline %ld, over a walk from below %ld\n",
+           (rounds + 2) / 3, bad[0], bad[1], bad[2]);
+    EXPECT_EQ(bad[0], 0);
+    EXPECT_EQ(bad[1], 0);
+    EXPECT_EQ(bad[2], 0);
+}
+
 int main(void) {
     RUN(children_created_while_parent_cancelled);
     RUN(cancel_races_release);
     RUN(one_cancel_wakes_all_waiters);
     RUN(timeout_storm);
+    RUN(ending_calls_return_after_every_descendant);
     return tap_done();
 }
