@@ -756,6 +756,7 @@ typedef struct conc_reservation {
     conc_limiter_t *lim; /* private */
     int64_t tokens;      /* private: tokens taken; 0 once cancelled */
     int64_t time_to_act; /* private: conc_now() time the tokens exist */
+    double per_ns;       /* private: the rate it was made at (tokens per ns) */
     bool ok;             /* private: the reservation was made */
 } conc_reservation_t;
 
@@ -1080,7 +1081,8 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_siz
    conc_limiter_set_rate(l, rate)  From now on tokens accrue at rate per second (> 0;
                               INFINITY: no limit); those accrued so far at the old rate
                               stay. Leaving INFINITY fills the bucket. Reservations already
-                              made keep their time. Never blocks. Returns: 0; CONC_INVALID
+                              made keep their time, and a cancel gives back at the rate a
+                              reservation was made at (as x/time/rate). Never blocks. Returns: 0; CONC_INVALID
                               (l NULL, rate <= 0 or NaN: nothing changed).
    conc_limiter_set_burst(l, burst)  From now on the bucket holds at most burst >= 0 tokens:
                               a smaller burst throws away what is above it, a larger one
@@ -5547,9 +5549,9 @@ struct conc_limiter {
 static int64_t conc__lim_time(const conc_limiter_t *l, int64_t now) { return now < l->last ? l->last : now; }
 
 /* Nanoseconds until tok tokens accrue, rounded up; INT64_MAX if beyond range. */
-static int64_t conc__lim_dur(const conc_limiter_t *l, double tok) {
+static int64_t conc__lim_dur(double per_ns, double tok) {
     if (tok <= 0) return 0;
-    double d = tok / l->per_ns;
+    double d = tok / per_ns;
     if (!(d < 9.0e18)) return INT64_MAX;
     int64_t n = (int64_t)d;
     return (double)n < d ? n + 1 : n;
@@ -5574,6 +5576,7 @@ static void conc__lim_reserve_locked(conc_limiter_t *l, int64_t now, int64_t n, 
     r->lim = l;
     r->tokens = 0;
     r->time_to_act = now;
+    r->per_ns = l->per_ns;
     r->ok = false;
     if (l->inf || n == 0) { /* nothing to count (x/time/rate would make n == 0 wait out a debt) */
         r->ok = true;
@@ -5581,7 +5584,7 @@ static void conc__lim_reserve_locked(conc_limiter_t *l, int64_t now, int64_t n, 
     }
     if (n > l->burst) return;
     double t = conc__lim_content(l, now, &over) - (double)n;
-    int64_t wait = conc__lim_dur(l, -t);
+    int64_t wait = conc__lim_dur(l->per_ns, -t);
     if (wait > max_wait) return;
     r->ok = true;
     r->tokens = n;
@@ -5596,7 +5599,8 @@ static void conc__lim_reserve_locked(conc_limiter_t *l, int64_t now, int64_t n, 
 static void conc__lim_cancel_locked(conc_limiter_t *l, conc_reservation_t *r, int64_t now) {
     if (l->inf || r->tokens == 0) return;
     if (r->time_to_act >= now) { /* tokens already due are spent */
-        double restore = (double)r->tokens - (double)(l->last_event - r->time_to_act) * l->per_ns;
+        /* at the rate r was made under, as x/time/rate (set_rate may have changed it since) */
+        double restore = (double)r->tokens - (double)(l->last_event - r->time_to_act) * r->per_ns;
         if (restore > 0) {
             double over;
             double t = conc__lim_content(l, now, &over) + restore;
@@ -5609,7 +5613,7 @@ static void conc__lim_cancel_locked(conc_limiter_t *l, conc_reservation_t *r, in
             l->overflow += over;
             if (r->time_to_act == l->last_event) {
                 /* the latest reservation is gone: the one before it is the latest */
-                int64_t prev = r->time_to_act - conc__lim_dur(l, (double)r->tokens);
+                int64_t prev = r->time_to_act - conc__lim_dur(r->per_ns, (double)r->tokens);
                 if (prev >= now) l->last_event = prev;
             }
         }
@@ -5650,6 +5654,7 @@ CONC_API int conc_limiter_reserve(conc_limiter_t *lim, int64_t n, conc_reservati
     r->lim = lim;
     r->tokens = 0;
     r->time_to_act = 0;
+    r->per_ns = 0;
     r->ok = false;
     if (!lim || n < 0) return CONC_INVALID;
     int64_t now = conc_now();

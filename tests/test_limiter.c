@@ -546,6 +546,25 @@ TEST(limiter_set_rate_sleeping_wait_keeps_its_time) {
     EXPECT_EQ(conc_limiter_free(w.l), 0);
 }
 
+/* A cancel gives back at the rate the reservation was made at (x/time/rate's r.limit):
+   r1 at 1/s, then the rate goes to 1.5/s and r2 reserves behind it; cancelling r1 gives
+   back 1 - (tta2 - tta1) * 1 = 2 - 2 * 1 / 1.5 = 0.667 (at the new rate it would be 0.5). */
+TEST(limiter_cancel_uses_the_reservations_rate) {
+    conc_limiter_t *l = conc_limiter_new(1, 1);
+    ASSERT(l != NULL);
+    EXPECT(conc_limiter_allow(l, 1));
+    int64_t since = conc_now();
+    conc_reservation_t r1, r2;
+    EXPECT_EQ(conc_limiter_reserve(l, 1, &r1), 0); /* due in 1 s */
+    EXPECT_EQ(conc_limiter_set_rate(l, 1.5), 0);
+    EXPECT_EQ(conc_limiter_reserve(l, 1, &r2), 0); /* debt 2 at 1.5/s: due in 1.33 s */
+    conc_reservation_cancel(&r1);
+    double el = (double)(conc_now() - since) / 1e9, t = conc_limiter_tokens(l);
+    printf("# tokens after the cancel: %.4f (%.1f ms in)\n", t, el * 1e3);
+    EXPECT(t > -2 + 2.0 / 3 - 1e-6 && t < -2 + 2.0 / 3 + 1.5 * el + 1e-6);
+    EXPECT_EQ(conc_limiter_free(l), 0);
+}
+
 /* Allows racing changes of rate and burst (random yields, more threads than cores): the
    books balance exactly at the end, and burst is never exceeded by one allow. */
 typedef struct set_race {
@@ -746,6 +765,7 @@ int main(void) {
     RUN(limiter_set_rate_infinite_and_back);
     RUN(limiter_set_burst);
     RUN(limiter_set_rate_sleeping_wait_keeps_its_time);
+    RUN(limiter_cancel_uses_the_reservations_rate);
     RUN(limiter_set_race);
     RUN(limiter_accuracy);
     RUN(limiter_wait_beyond_int64);
