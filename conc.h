@@ -1100,7 +1100,8 @@ CONC_API int conc_parallel_map_at(conc_ctx_t *ctx, const void *in, size_t in_siz
                               come, or sat unreceived in the channel (Go 1.23). Afterwards
                               no value is buffered or will come.
    conc_timer_reset(t, d)     Restarts t to fire after d (then every d for a ticker),
-                              dropping any buffered value. Returns as stop.
+                              dropping any buffered value. Returns as stop. A ticker needs
+                              d > 0 (Go panics): d <= 0 changes nothing and returns false.
    conc_timer_free(t)         Stops and frees t. NULL is a no-op.
    conc_sleep(d, ctx)         Blocks: for d ns. Returns: 0, or the ctx's err if it ends
                               first; CONC_NOMEM or CONC_SYSTEM (no sleep) if the timer (its
@@ -5885,11 +5886,11 @@ CONC_API bool conc_timer_stop(conc_timer_t *t) {
 
 CONC_API bool conc_timer_reset(conc_timer_t *t, int64_t delay_ns) {
     bool active;
-    if (!t) return false;
+    if (!t || (t->period > 0 && delay_ns <= 0)) return false; /* a ticker's period must be > 0 */
     CONC__LOCK(&conc__timers.mu);
     {
         active = conc__timer_stop_locked(t);
-        if (t->period > 0 && delay_ns > 0) t->period = delay_ns;
+        if (t->period > 0) t->period = delay_ns;
         t->e.when = conc__time_after(conc_now(), delay_ns);
         (void)conc__timer_add_locked(&t->e);
     }

@@ -216,6 +216,12 @@ TEST(reset) {
     EXPECT(a >= r4 + 10 * MS);
     EXPECT(b >= r4 + 20 * MS);
     EXPECT(b > a);
+    /* a period of 0 or less is refused (Go panics): the ticker goes on as it was */
+    EXPECT(!conc_timer_reset(t, 0));
+    EXPECT(!conc_timer_reset(t, -5 * MS));
+    int64_t c = 0;
+    ASSERT_EQ(recv_within(t, &c, 10 * CONC_SECOND), 0);
+    EXPECT(c >= b + 10 * MS); /* not at once: still every 10 ms */
     conc_timer_free(t);
 }
 
