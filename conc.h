@@ -274,8 +274,10 @@ ERRGROUPS  (>>group)
      limit (the default); 0: no task can be added. As in Go the limit may change only while
      no task runs (CONC_BUSY otherwise; Go panics); a go made at the same moment as a
      set_limit, from another thread, may run under either limit. A group whose limit is
-     set before its first go never starts more than n threads at once (threads started
-     earlier without a limit stay until they have been idle for CONC_GROUP_IDLE_NS). A go
+     set before its first go never has more than n threads ready for tasks at once (threads
+     started earlier without a limit stay until they have been idle for
+     CONC_GROUP_IDLE_NS; a thread that has just ended its idle wait may still be exiting,
+     joining the one that ended before it, when its replacement starts). A go
      never runs the task on the calling thread: a task may wait for something its caller
      does after go returns. If a thread cannot be started, that go returns CONC_NOMEM or
      CONC_SYSTEM and a go blocked on the limit tries again.
@@ -4298,6 +4300,24 @@ static int64_t conc__core_running_locked(conc__core *c) {
     return n;
 }
 
+/* mu held. Jobs running, for the statistics. conc__core_running_locked may count too many
+   (never too few, which is what waits and the limit need): the lock-free hand-offs that
+   came and finished between its scan of done and its scan of given. Read until done
+   stands still across the count, and never more than the workers. */
+static int64_t conc__core_running_stat_locked(conc__core *c) {
+    int nb = atomic_load_explicit(&c->nbox, CONC__RELAXED);
+    int64_t n = 0;
+    for (int tries = 0; tries < 8; tries++) {
+        uint64_t d0 = 0, d1 = 0;
+        for (int i = 0; i < nb; i++) d0 += atomic_load_explicit(&c->box[i].done, CONC__RELAXED);
+        n = conc__core_running_locked(c);
+        for (int i = 0; i < nb; i++) d1 += atomic_load_explicit(&c->box[i].done, CONC__RELAXED);
+        if (d0 == d1) break;
+    }
+    if (n > (int64_t)c->nworkers) n = (int64_t)c->nworkers;
+    return n < 0 ? 0 : n;
+}
+
 /* mu held: jobs accepted so far, and finished so far (statistics). */
 static void conc__core_totals_locked(conc__core *c, uint64_t *accepted, uint64_t *finished) {
     uint64_t a = c->submitted, f = c->finished_left;
@@ -5270,7 +5290,7 @@ CONC_API void conc_pool_stats_get(conc_pool_t *pool, conc_pool_stats *out) {
         {
             conc__core_totals_locked(c, &out->submitted, &out->completed);
             out->blocked = c->blocked_n;
-            out->running = (size_t)conc__core_running_locked(c);
+            out->running = (size_t)conc__core_running_stat_locked(c);
         }
         conc__spin_unlock(&c->mu);
         out->blocked_ns = atomic_load_explicit(&c->blocked_ns, CONC__RELAXED);
@@ -5484,7 +5504,7 @@ CONC_API void conc_group_stats_get(conc_group_t *g, conc_group_stats *out) {
         out->blocked = g->core.blocked_n;
         out->blocked_ns = atomic_load_explicit(&g->core.blocked_ns, CONC__RELAXED);
         out->threads = g->core.threads;
-        out->running = (size_t)conc__core_running_locked(&g->core);
+        out->running = (size_t)conc__core_running_stat_locked(&g->core);
         out->threads_live = g->core.nworkers;
     }
     conc__spin_unlock(&g->core.mu);

@@ -709,6 +709,40 @@ TEST(stats_count_a_handed_off_job_as_running) {
     }
 }
 
+/* The running count never exceeds the workers, also polled while a stream of hand-offs
+   to one worker comes and goes (lock-free, between the count's two scans: in the race
+   build a yield sits there). */
+typedef struct poll_arg {
+    conc_pool_t *p;
+    _Atomic int stop;
+    size_t max_running;
+} poll_arg;
+
+static void *poll_stats(void *arg) {
+    poll_arg *a = (poll_arg *)arg;
+    while (!atomic_load(&a->stop)) {
+        conc_pool_stats s;
+        conc_pool_stats_get(a->p, &s);
+        if (s.running > a->max_running) a->max_running = s.running;
+        sched_yield(); /* the stats take the lock the submits need now and then */
+    }
+    return NULL;
+}
+
+TEST(stats_running_never_above_the_workers) {
+    poll_arg a = {conc_pool_new(1, 0, NULL), 0, 0};
+    ASSERT(a.p != NULL);
+    pthread_t t = spawn_thread(poll_stats, &a);
+    long n = tap_iters(20000);
+    for (long i = 0; i < n; i++) EXPECT_EQ(conc_pool_submit(a.p, job_count, NULL, NULL), 0);
+    EXPECT_EQ(conc_pool_shutdown(a.p, NULL, NULL, NULL), 0);
+    atomic_store(&a.stop, 1);
+    pthread_join(t, NULL);
+    printf("# most running seen: %zu (1 worker)\n", a.max_running);
+    EXPECT(a.max_running <= 1);
+    conc_pool_free(a.p);
+}
+
 int main(void) {
     RUN(new_submit_shutdown_free);
     RUN(try_submit_fails_fast_when_saturated);
@@ -720,6 +754,7 @@ int main(void) {
     RUN(concurrent_shutdowns_both_join);
     RUN(jobs_get_the_pools_context);
     RUN(stats_count_a_handed_off_job_as_running);
+    RUN(stats_running_never_above_the_workers);
     RUN(threads_are_registered_and_reused);
     RUN(stress_cancel_races_worker_taking_the_job);
     RUN(stress_shutdown_while_saturated_accounts_every_job_once);
