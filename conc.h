@@ -92,7 +92,8 @@ CONTEXTS  (>>ctx)
      nothing.
    - conc_ctx_after_func(ctx, fn, arg) runs fn(arg) once when ctx ends: on the thread that
      cancels it, after conc has let go of its locks; when a deadline or a signal ends it, on
-     conc's runner thread (never on the timer thread, so fn may itself sleep or wait on timers);
+     conc's runner thread (never on the timer thread, so fn may itself sleep or wait on timers;
+     only if the system cannot start that thread does fn run on the thread that ended ctx);
      at once on the calling thread if ctx has already ended. conc_after_func_stop() prevents the
      call if it has not started, returns whether it did, and frees the handle: call it
      exactly once per handle.
@@ -2068,9 +2069,11 @@ static void conc__defer(conc__deferred *list) {
     pthread_once(&conc__timers_once, conc__timers_init);
     conc__deferred *last = list;
     while (last->next) last = last->next;
+    bool exiting;
     CONC__LOCK(&conc__timers.mu);
-    int rc = conc__svc_ensure(&conc__timers.runner, conc__runner_main, "deadline runner");
-    if (rc == 0 && !conc__timers.stopping) {
+    exiting = conc__timers.stopping;
+    int rc = exiting ? 0 : conc__svc_ensure(&conc__timers.runner, conc__runner_main, "deadline runner");
+    if (rc == 0 && !exiting) {
         if (conc__timers.dq_tail) conc__timers.dq_tail->next = list;
         else conc__timers.dq_head = list;
         conc__timers.dq_tail = last;
@@ -2078,9 +2081,11 @@ static void conc__defer(conc__deferred *list) {
         list = NULL;
     }
     CONC__UNLOCK(&conc__timers.mu);
+    /* at exit they never run, as those still queued (conc__timer_atexit); with no runner
+       thread to be had (the system is out of threads) they run here, late rather than never */
     while (list) {
         conc__deferred *next = list->next;
-        list->run(list, true);
+        list->run(list, !exiting);
         list = next;
     }
 }
