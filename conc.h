@@ -3592,6 +3592,7 @@ CONC_API int conc_try_select(conc_case *cases, size_t n) { return conc__select(c
 
 #define CONC__WG_WAITERS ((uint64_t)1)
 #define CONC__WG_MAX ((uint64_t)INT64_MAX >> 1) /* the largest counter the word holds */
+#define CONC__WG_BACKOFF 64u                       /* most pauses after a lost CAS */
 
 struct conc_wg {
     _Atomic uint64_t state; /* counter << 1 | CONC__WG_WAITERS; see invariants */
@@ -3678,9 +3679,12 @@ CONC_API int conc_wg_add(conc_wg_t *wg, int64_t delta) {
        would go below 0 must never be visible, or a legal done racing it could be refused
        and a wait could return early. Increments are a CAS too, for the same reason at
        CONC__WG_MAX: an overshoot undone later would be seen by other adds while it lasted.
-       Two threads hammering one group pay ~15% for it (27 ns a pair; fetch_adds: 23.5). */
+       A CAS can fail where a fetch_add cannot: one that lost to another add backs off
+       (pause, doubling up to CONC__WG_BACKOFF), so that two threads hammering one group
+       stop taking the line from each other mid-update (wg_adddone_2threads with the two
+       vCPUs on one core: 42 -> 28 ns; Go's two fetch_adds: 22). */
     uint64_t s = atomic_load_explicit(&wg->state, CONC__RELAXED), nc;
-    for (;;) {
+    for (unsigned backoff = 1;; backoff = backoff < CONC__WG_BACKOFF ? 2 * backoff : backoff) {
         int rc = conc__wg_next(s >> 1, delta, &nc);
         if (rc != 0) return rc;
         if (nc == 0 && (s & CONC__WG_WAITERS)) return conc__wg_add_slow(wg, delta);
@@ -3688,6 +3692,7 @@ CONC_API int conc_wg_add(conc_wg_t *wg, int64_t delta) {
         if (atomic_compare_exchange_weak_explicit(&wg->state, &s, nc << 1 | (s & CONC__WG_WAITERS), CONC__RELEASE,
                                                   CONC__RELAXED))
             return 0;
+        for (unsigned i = 0; i < backoff; i++) CONC__PAUSE();
     }
 }
 
