@@ -2361,6 +2361,7 @@ static void conc__ctx_end(conc_ctx_t *c, int err, int cause, bool defer_funcs) {
     conc__ctx_end_node(c, err, cause, &wake, &run);
     conc__ctx_end_kids(c, err, cause, &wake, &run, &work, &others);
     CONC__UNLOCK(&c->mu);
+    CONC__RACE_POINT(); /* c ended, its descendants not yet: second callers must wait */
     if (c->has_timer && conc__timer_remove(&c->timer)) conc__ctx_unref(c); /* the entry's ref */
     while (work) {
         conc_ctx_t *x = work;
@@ -2368,6 +2369,7 @@ static void conc__ctx_end(conc_ctx_t *c, int err, int cause, bool defer_funcs) {
         CONC__LOCK(&x->mu);
         conc__ctx_end_kids(x, err, cause, &wake, &run, &work, &others);
         CONC__UNLOCK(&x->mu);
+        CONC__RACE_POINT(); /* one level more ended; another walk may meet ours now */
         if (x->has_timer && conc__timer_remove(&x->timer)) conc__ctx_unref(x);
         x->work_next = done; /* walking stays set, and the walk's ref held, until the end */
         done = x;

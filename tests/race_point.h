@@ -1,9 +1,10 @@
 /* race_point.h - makes a test a race test. Put in front of a test's source with
-   `-include race_point.h` (tests/meson.build builds test_errgroup.c and test_pool.c a
-   second time so, as race_test_errgroup and race_test_pool): conc.h's CONC__RACE_POINT()s
-   sit inside narrow race windows of the worker engine (between the two halves of a Dekker
-   pair, between a look at the flags and a claim, between the two scans of the running
-   count), and here each of them yields at random. The other side of each race then runs
+   `-include race_point.h` (tests/meson.build builds test_errgroup.c, test_pool.c and
+   stress_ctx.c a second time so, as race_test_errgroup, race_test_pool and
+   race_stress_ctx): conc.h's CONC__RACE_POINT()s sit inside narrow race windows of the
+   worker engine (between the two halves of a Dekker pair, between a look at the flags and
+   a claim, between the two scans of the running count) and of the context cancel walk
+   (between its levels), and here each of them yields at random. The other side of each race then runs
    inside the window often, not once in millions of tries, and the tests' own checks
    (every job run exactly once, no go left blocked beside a free worker, a wait that never
    returns while a task runs) judge the outcome. */
